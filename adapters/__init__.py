@@ -1,0 +1,1 @@
+"""Framework adapters (Megatron, FSDP) built on tasd.managers."""

@@ -1,0 +1,400 @@
+"""The tasd part file: one checkpoint part (one owner rank's state at one iteration) per file.
+
+Layout (all integers little-endian)::
+
+    offset 0      preamble, 24 bytes: magic b"TASDPART", u64 header length H, u64 xxh3_64 of header
+    offset 24     header: H bytes of UTF-8 JSON (below)
+    24 + H        hollow state dict: restricted pickle (tasd.serialization), hollow.nbytes bytes
+    data.offset   tensor bytes, contiguous (the staging buffer itself), data.offset % 4096 == 0
+    end           == data.offset + data.nbytes exactly
+
+Header JSON::
+
+    {"format_version": 1, "iteration": int, "owner_rank": int, "world_size": int,
+     "session_id": str, "replication": {...} | null,
+     "hollow": {"nbytes": int, "xxh3": "16 hex"},
+     "data": {"offset": int, "nbytes": int, "chunk_bytes": int, "chunk_xxh3": ["16 hex", ...]},
+     "tensors": [[dtype, [shape...], offset, nbytes], ...]}   # offsets within the data section
+
+Tensor ``i`` of the hollow state dict's placeholders is ``tensors[i]``. Writers write
+``<name>.dirty``, fsync it, rename it to ``<name>`` and fsync the directory, so a file with its final
+name is complete. Readers check the preamble, header checksum and every field before use, the hollow
+bytes and each data chunk against their checksums, and never run code from the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import xxhash
+
+from tasd import device
+from tasd.serialization import safe_loads
+from tasd.staging import TensorLayout
+from tasd.managers.errors import CorruptCheckpointError
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"TASDPART"
+FORMAT_VERSION = 1
+PREAMBLE = struct.Struct("<8sQQ")
+DATA_ALIGNMENT = device.HOST_ALIGNMENT
+CHUNK_BYTES = 64 << 20  # checksum and I/O granularity
+MAX_HEADER_BYTES = 1 << 30
+DIRTY_SUFFIX = ".dirty"
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _hex(h: int) -> str:
+    return f"{h:016x}"
+
+
+def _checksum(view: memoryview) -> int:
+    return xxhash.xxh3_64_intdigest(view)
+
+
+def _align(n: int, a: int = DATA_ALIGNMENT) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class PartMeta:
+    """What a part's header records besides its layout."""
+
+    iteration: int
+    owner_rank: int
+    world_size: int
+    session_id: str = ""
+    replication: dict | None = None
+
+
+@dataclass
+class PartHeader:
+    """A validated header; ``layouts[i]`` locates tensor ``i`` inside the data section."""
+
+    meta: PartMeta
+    hollow_offset: int
+    hollow_nbytes: int
+    hollow_xxh3: int
+    data_offset: int
+    data_nbytes: int
+    chunk_bytes: int
+    chunk_xxh3: list[int]
+    layouts: list[TensorLayout] = field(default_factory=list)
+
+    @property
+    def file_size(self) -> int:
+        return self.data_offset + self.data_nbytes
+
+
+def _as_bytes(buffer: torch.Tensor) -> memoryview:
+    return memoryview(buffer.numpy()).cast("B") if buffer.numel() else memoryview(b"")
+
+
+def _chunks(nbytes: int, chunk: int) -> list[tuple[int, int]]:
+    return [(o, min(chunk, nbytes - o)) for o in range(0, nbytes, chunk)]
+
+
+def _encode_header(meta: PartMeta, hollow: bytes, layouts: Sequence[TensorLayout], data_nbytes: int,
+                   chunk_sums: Sequence[int]) -> tuple[bytes, int]:
+    """(preamble + header + hollow bytes, data offset). Checksum fields are fixed-width, so the
+    length does not depend on their values."""
+    def build(data_offset: int) -> bytes:
+        header = {
+            "format_version": FORMAT_VERSION,
+            "iteration": meta.iteration, "owner_rank": meta.owner_rank, "world_size": meta.world_size,
+            "session_id": meta.session_id, "replication": meta.replication,
+            "hollow": {"nbytes": len(hollow), "xxh3": _hex(xxhash.xxh3_64_intdigest(hollow))},
+            "data": {"offset": data_offset, "nbytes": data_nbytes, "chunk_bytes": CHUNK_BYTES,
+                     "chunk_xxh3": [_hex(s) for s in chunk_sums]},
+            "tensors": [[dtype_name(l.dtype), list(l.shape), l.offset, l.nbytes] for l in layouts],
+        }
+        return json.dumps(header, separators=(",", ":")).encode()
+
+    # The data offset is part of the header, whose length depends on the offset's digits: iterate.
+    data_offset = 0
+    while True:
+        text = build(data_offset)
+        needed = _align(PREAMBLE.size + len(text) + len(hollow))
+        if needed == data_offset:
+            break
+        data_offset = needed
+    pre = PREAMBLE.pack(MAGIC, len(text), xxhash.xxh3_64_intdigest(text))
+    return pre + text + hollow, data_offset
+
+
+def _open_for_write(path: str, direct: bool) -> tuple[int, bool]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o644), True
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    return os.open(path, flags, 0o644), False
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_part(path: Path, meta: PartMeta, hollow: bytes, buffer: torch.Tensor,
+               layouts: Sequence[TensorLayout], direct_io: bool = True) -> int:
+    """Write one part atomically: ``path.dirty`` then fsync, rename to ``path``, fsync the directory.
+
+    ``buffer`` is the staging buffer (1-D uint8, host) holding the tensors at ``layouts``. With
+    ``direct_io`` the aligned bulk of the data goes through O_DIRECT where the filesystem allows it.
+    On any error the ``.dirty`` file is removed and the error propagates (OSError as it comes).
+    Returns the file size. Not collective.
+    """
+    data = _as_bytes(buffer)
+    tmp = str(path) + DIRTY_SUFFIX
+    try:
+        with ThreadPoolExecutor(1) as hasher:
+            # Checksums are computed (GIL released) while the data is written.
+            sums_future = hasher.submit(lambda: [_checksum(data[o:o + n]) for o, n in _chunks(len(data), CHUNK_BYTES)])
+            n_chunks = math.ceil(len(data) / CHUNK_BYTES)
+            prefix, data_offset = _encode_header(meta, hollow, layouts, len(data), [0] * n_chunks)
+            bulk = len(data) // DATA_ALIGNMENT * DATA_ALIGNMENT if direct_io else 0
+            fd, direct = _open_for_write(tmp, direct_io and bulk > 0)
+            try:
+                if not direct:
+                    bulk = 0
+                for o, n in _chunks(bulk, CHUNK_BYTES):
+                    _pwrite_all(fd, data[o:o + n], data_offset + o)
+                if direct:  # the unaligned rest and the header go through the page cache
+                    os.close(fd)
+                    fd = os.open(tmp, os.O_WRONLY)
+                for o, n in _chunks(len(data) - bulk, CHUNK_BYTES):
+                    _pwrite_all(fd, data[bulk + o:bulk + o + n], data_offset + bulk + o)
+                prefix, _ = _encode_header(meta, hollow, layouts, len(data), sums_future.result())
+                _pwrite_all(fd, memoryview(prefix), 0)
+                os.ftruncate(fd, data_offset + len(data))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.rename(tmp, path)
+        fsync_dir(Path(path).parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return data_offset + len(data)
+
+
+def _corrupt(path: Path, reason: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"checkpoint file {path} is unusable: {reason}")
+
+
+def _int(obj: dict, key: str, path: Path, minimum: int = 0) -> int:
+    v = obj.get(key)
+    if type(v) is not int or v < minimum:
+        raise _corrupt(path, f"header field {key!r} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _hexint(v: Any, what: str, path: Path) -> int:
+    if not isinstance(v, str) or len(v) != 16:
+        raise _corrupt(path, f"{what} is not a 16-digit hex checksum")
+    try:
+        return int(v, 16)
+    except ValueError:
+        raise _corrupt(path, f"{what} is not a 16-digit hex checksum") from None
+
+
+def _parse_header(path: Path, raw: bytes, file_size: int) -> PartHeader:
+    try:
+        h = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _corrupt(path, f"header is not valid JSON ({e})") from None
+    if not isinstance(h, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    if h.get("format_version") != FORMAT_VERSION:
+        raise _corrupt(path, f"unsupported format_version {h.get('format_version')!r} (this reader: {FORMAT_VERSION})")
+    session = h.get("session_id")
+    repl = h.get("replication")
+    if not isinstance(session, str) or not (repl is None or isinstance(repl, dict)):
+        raise _corrupt(path, "header fields session_id/replication have wrong types")
+    meta = PartMeta(_int(h, "iteration", path), _int(h, "owner_rank", path), _int(h, "world_size", path, 1),
+                    session, repl)
+    hollow, data = h.get("hollow"), h.get("data")
+    if not isinstance(hollow, dict) or not isinstance(data, dict):
+        raise _corrupt(path, "header lacks the hollow/data sections")
+    hollow_offset = PREAMBLE.size + len(raw)
+    hollow_nbytes = _int(hollow, "nbytes", path)
+    data_offset, data_nbytes = _int(data, "offset", path), _int(data, "nbytes", path)
+    chunk_bytes = _int(data, "chunk_bytes", path, 1)
+    sums = data.get("chunk_xxh3")
+    if data_offset % DATA_ALIGNMENT or data_offset < hollow_offset + hollow_nbytes:
+        raise _corrupt(path, f"data offset {data_offset} is misaligned or overlaps the header")
+    if data_offset + data_nbytes != file_size:
+        raise _corrupt(path, f"file has {file_size} bytes, header says {data_offset + data_nbytes} (truncated?)")
+    if not isinstance(sums, list) or len(sums) != math.ceil(data_nbytes / chunk_bytes):
+        raise _corrupt(path, "chunk checksum list does not match the data size")
+    tensors = h.get("tensors")
+    if not isinstance(tensors, list):
+        raise _corrupt(path, "header field 'tensors' is not a list")
+    layouts = []
+    for i, entry in enumerate(tensors):
+        if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[1], list)):
+            raise _corrupt(path, f"tensor entry {i} is malformed")
+        name, shape, offset, nbytes = entry
+        dtype = _DTYPES.get(name) if isinstance(name, str) else None
+        if dtype is None:
+            raise _corrupt(path, f"tensor entry {i} has unknown dtype {name!r}")
+        if not all(type(s) is int and s >= 0 for s in shape) or type(offset) is not int or type(nbytes) is not int:
+            raise _corrupt(path, f"tensor entry {i} has a malformed shape/offset/size")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if nbytes != math.prod(shape) * itemsize or offset < 0 or offset % itemsize or offset + nbytes > data_nbytes:
+            raise _corrupt(path, f"tensor entry {i} ({name} {shape}) does not fit the data section")
+        layouts.append(TensorLayout(dtype, tuple(shape), offset, nbytes))
+    return PartHeader(meta, hollow_offset, hollow_nbytes, _hexint(hollow.get("xxh3"), "hollow checksum", path),
+                      data_offset, data_nbytes, chunk_bytes,
+                      [_hexint(s, f"chunk checksum {i}", path) for i, s in enumerate(sums)], layouts)
+
+
+def _pread_exact(fd: int, n: int, offset: int, path: Path) -> bytes:
+    out = os.pread(fd, n, offset)
+    if len(out) != n:
+        raise _corrupt(path, f"short read at offset {offset} (truncated?)")
+    return out
+
+
+def read_header(path: Path, fd: int | None = None) -> PartHeader:
+    """Read and validate the preamble and header of ``path`` (CorruptCheckpointError if unusable;
+    OSError if it cannot be opened)."""
+    own = fd is None
+    if own:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size < PREAMBLE.size:
+            raise _corrupt(path, f"only {size} bytes, shorter than the preamble")
+        magic, header_len, header_sum = PREAMBLE.unpack(_pread_exact(fd, PREAMBLE.size, 0, path))
+        if magic != MAGIC:
+            raise _corrupt(path, "bad magic (not a tasd part file)")
+        if header_len > min(MAX_HEADER_BYTES, size - PREAMBLE.size):
+            raise _corrupt(path, f"header length {header_len} exceeds the file")
+        raw = _pread_exact(fd, header_len, PREAMBLE.size, path)
+        if xxhash.xxh3_64_intdigest(raw) != header_sum:
+            raise _corrupt(path, "header checksum mismatch")
+        return _parse_header(path, raw, size)
+    finally:
+        if own:
+            os.close(fd)
+
+
+def _read_hollow(fd: int, header: PartHeader, path: Path) -> bytes:
+    raw = _pread_exact(fd, header.hollow_nbytes, header.hollow_offset, path)
+    if xxhash.xxh3_64_intdigest(raw) != header.hollow_xxh3:
+        raise _corrupt(path, "hollow state dict checksum mismatch")
+    return raw
+
+
+def _read_data(fd: int, header: PartHeader, path: Path, out: memoryview | None) -> None:
+    """Read the data section into ``out`` (or through a scratch chunk when None), checking every chunk."""
+    scratch = None if out is not None else memoryview(bytearray(min(header.chunk_bytes, header.data_nbytes)))
+    with ThreadPoolExecutor(1) as hasher:
+        pending = []
+        for i, (o, n) in enumerate(_chunks(header.data_nbytes, header.chunk_bytes)):
+            if scratch is not None:
+                for f in pending:  # the scratch chunk is reused: finish hashing it first
+                    f.result()
+                pending = []
+            dst = out[o:o + n] if out is not None else scratch[:n]
+            got = 0
+            while got < n:
+                k = os.preadv(fd, [dst[got:]], header.data_offset + o + got)
+                if k == 0:
+                    raise _corrupt(path, f"short read in data chunk {i} (truncated?)")
+                got += k
+            pending.append(hasher.submit(lambda d=dst, i=i: (i, _checksum(d))))
+            for f in [f for f in pending if f.done()]:
+                _check_chunk(f.result(), header, path)
+        for f in pending:
+            _check_chunk(f.result(), header, path)
+
+
+def _check_chunk(result: tuple[int, int], header: PartHeader, path: Path) -> None:
+    i, got = result
+    if got != header.chunk_xxh3[i]:
+        raise _corrupt(path, f"checksum mismatch in data chunk {i} (bytes {i * header.chunk_bytes}..)")
+
+
+def verify_part(path: Path) -> PartHeader:
+    """Check header, hollow and data checksums of ``path`` without keeping its data. Raises
+    CorruptCheckpointError (or OSError) when the file is unusable. Not collective."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        header = read_header(path, fd)
+        _read_hollow(fd, header, path)
+        _read_data(fd, header, path, None)
+        return header
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class LoadedPart:
+    """A part read from disk: validated header, decoded hollow object and the data buffer."""
+
+    header: PartHeader
+    hollow: Any
+    buffer: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors, as views of ``buffer``, in placeholder index order."""
+        return [lay.view(self.buffer) for lay in self.header.layouts]
+
+
+def decode_hollow(raw: bytes | memoryview, where: str) -> Any:
+    """Unpickle a hollow state dict with the restricted unpickler; any failure becomes a
+    CorruptCheckpointError naming ``where``."""
+    try:
+        return safe_loads(raw)
+    except Exception as e:  # malformed pickles raise many types; none may escape unwrapped
+        raise CorruptCheckpointError(f"{where}: hollow state dict cannot be decoded safely: {e}") from e
+
+
+def read_part(path: Path) -> LoadedPart:
+    """Read a whole part, verifying every checksum, into a fresh aligned host buffer. Raises
+    CorruptCheckpointError (or OSError). Not collective."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        header = read_header(path, fd)
+        hollow = decode_hollow(_read_hollow(fd, header, path), f"checkpoint file {path}")
+        buffer = device.empty_host(header.data_nbytes)
+        _read_data(fd, header, path, _as_bytes(buffer))
+    finally:
+        os.close(fd)
+    return LoadedPart(header, hollow, buffer)

@@ -1,0 +1,144 @@
+"""LocalCheckpointManager: parts as files on node-local storage, one directory per rank.
+
+Directory: ``root_local_ckpt_dir / session_id / str(rank)``; file of owner rank ``o`` at iteration
+``i``: ``iter_{i:07d}_{o}_local.tasd`` (``.dirty`` while being written).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from tasd.managers.base_manager import BaseCheckpointManager
+from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
+from tasd.managers.fileformat import (DIRTY_SUFFIX, LoadedPart, PartMeta, read_part, verify_part,
+                                      write_part)
+from tasd.staging import HostBufferPool, Staged
+
+logger = logging.getLogger(__name__)
+
+_PART_RE = re.compile(r"^iter_(\d{7,})_(\d+)_local\.tasd$")
+
+
+def part_name(iteration: int, owner: int) -> str:
+    return f"iter_{iteration:07d}_{owner}_local.tasd"
+
+
+def check_session_id(session_id: Any) -> str:
+    """A session id must be a plain directory name (or empty); ValueError otherwise."""
+    if not isinstance(session_id, str):
+        raise ValueError(f"session_id must be a string, got {type(session_id).__name__}")
+    if session_id in (".", "..") or any(c in session_id for c in "/\\\0"):
+        raise ValueError(f"session_id {session_id!r} is not a plain directory name")
+    return session_id
+
+
+class LocalCheckpointManager(BaseCheckpointManager):
+    """Local checkpoints with NVRx semantics (see BaseCheckpointManager for the collective protocol).
+
+    Options: ``group`` (process group, default the world), ``pool`` (a HostBufferPool for staging,
+    default the process-wide one), ``direct_io`` (write the bulk with O_DIRECT where supported,
+    default True). Unknown options raise TypeError. ``repl_strategy`` must be None for now.
+    """
+
+    def __init__(self, root_local_ckpt_dir: str | os.PathLike, session_id: str = "",
+                 repl_strategy: Any = None, *, group: Any = None, pool: HostBufferPool | None = None,
+                 direct_io: bool = True, **options: Any):
+        if options:
+            raise TypeError(f"unknown LocalCheckpointManager option(s): {', '.join(sorted(options))}")
+        if repl_strategy is not None:
+            raise ValueError("replication strategies are not supported yet: pass repl_strategy=None")
+        super().__init__(check_session_id(session_id), group=group, pool=pool)
+        self.root = Path(root_local_ckpt_dir)
+        self.local_ckpt_dir = self.root / session_id / str(self.rank)
+        self.direct_io = direct_io
+        # Parts this process wrote or fully verified, with the file identity they had then.
+        self._verified: dict[Path, tuple[int, int, int]] = {}
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _path(self, iteration: int, owner: int) -> Path:
+        return self.local_ckpt_dir / part_name(iteration, owner)
+
+    @staticmethod
+    def _identity(path: Path) -> tuple[int, int, int]:
+        st = path.stat()
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _scan(self) -> dict[tuple[int, int], Path]:
+        """Parts with final names in this rank's directory; stale ``.dirty`` files are removed."""
+        found: dict[tuple[int, int], Path] = {}
+        if not self.local_ckpt_dir.is_dir():
+            return found
+        for entry in os.scandir(self.local_ckpt_dir):
+            if entry.name.endswith(DIRTY_SUFFIX):
+                logger.warning("removing %s left by an interrupted save", entry.path)
+                Path(entry.path).unlink(missing_ok=True)
+                continue
+            m = _PART_RE.match(entry.name)
+            if m:
+                found[(int(m.group(1)), int(m.group(2)))] = Path(entry.path)
+        return found
+
+    # -- storage hooks ---------------------------------------------------------------------------
+    def _write_part(self, meta: PartMeta, hollow: bytes, staged: Staged) -> int:
+        self.local_ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path = self._path(meta.iteration, meta.owner_rank)
+        try:
+            size = write_part(path, meta, hollow, staged.buffer, staged.layouts, direct_io=self.direct_io)
+        except OSError as e:
+            raise CheckpointingException(f"rank {self.rank} could not write {path}: {e}") from e
+        self._verified[path] = self._identity(path)
+        return size
+
+    def _is_verified(self, path: Path) -> bool:
+        try:
+            return self._verified.get(path) == self._identity(path)
+        except FileNotFoundError:
+            return False
+
+    def _advertised_parts(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for (iteration, owner), path in sorted(self._scan().items()):
+            if not self._is_verified(path):
+                try:
+                    header = verify_part(path)
+                except (CorruptCheckpointError, OSError) as e:
+                    logger.warning("rank %d skips iteration %d: %s", self.rank, iteration, e)
+                    continue
+                meta = header.meta
+                if (meta.iteration, meta.owner_rank) != (iteration, owner):
+                    logger.warning("rank %d skips %s: its header says iteration %d owner %d",
+                                   self.rank, path, meta.iteration, meta.owner_rank)
+                    continue
+                if meta.world_size != self.world_size:
+                    logger.warning("rank %d skips %s: saved with world size %d, now %d",
+                                   self.rank, path, meta.world_size, self.world_size)
+                    continue
+                self._verified[path] = self._identity(path)
+            out.setdefault(iteration, []).append(owner)
+        return out
+
+    def _read_part(self, iteration: int, owner: int) -> LoadedPart:
+        path = self._path(iteration, owner)
+        try:
+            return read_part(path)
+        except OSError as e:
+            raise CheckpointingException(f"rank {self.rank} could not read {path}: {e}") from e
+
+    def _remove_part(self, iteration: int, owner: int) -> None:
+        path = self._path(iteration, owner)
+        path.unlink(missing_ok=True)
+        Path(str(path) + DIRTY_SUFFIX).unlink(missing_ok=True)
+        self._verified.pop(path, None)
+
+    def _cleanup(self, keep: int) -> None:
+        for (iteration, owner), path in self._scan().items():
+            if iteration != keep:
+                path.unlink(missing_ok=True)
+                self._verified.pop(path, None)
+
+    def _newest_local_iteration(self) -> int:
+        return max((it for it, owner in self._scan() if owner == self.rank), default=-1)
