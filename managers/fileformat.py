@@ -315,10 +315,14 @@ def read_header(path: Path, fd: int | None = None) -> PartHeader:
 
 
 def _read_hollow(fd: int, header: PartHeader, path: Path) -> bytes:
-    raw = _pread_exact(fd, header.hollow_nbytes, header.hollow_offset, path)
-    if xxhash.xxh3_64_intdigest(raw) != header.hollow_xxh3:
+    """The hollow bytes, checked against their checksum; the padding after them must be zero."""
+    raw = _pread_exact(fd, header.data_offset - header.hollow_offset, header.hollow_offset, path)
+    hollow, padding = raw[: header.hollow_nbytes], raw[header.hollow_nbytes :]
+    if xxhash.xxh3_64_intdigest(hollow) != header.hollow_xxh3:
         raise _corrupt(path, "hollow state dict checksum mismatch")
-    return raw
+    if padding.count(0) != len(padding):
+        raise _corrupt(path, "non-zero bytes in the padding before the data section")
+    return hollow
 
 
 def _read_data(fd: int, header: PartHeader, path: Path, out: memoryview | None) -> None:

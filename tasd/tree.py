@@ -9,9 +9,10 @@ pickled with its data into the hollow state dict).
 
 from __future__ import annotations
 
+import collections
 import io
 import pickle
-from collections import OrderedDict
+import types
 from typing import Any, Callable
 
 import torch
@@ -37,10 +38,13 @@ def format_path(path: KeyPath) -> str:
 class _TensorFinder(pickle.Pickler):
     """Pickles into a sink only to find tensors hidden inside arbitrary objects."""
 
-    def persistent_id(self, obj: Any) -> Any:
+    def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
             raise _HiddenTensor()
-        return None
+        if (isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType))
+                and getattr(obj, "__module__", None) != "builtins"):
+            return (str, ())  # do not resolve globals: local classes must not end the search
+        return NotImplemented
 
 
 class _HiddenTensor(Exception):
@@ -63,29 +67,42 @@ def check_no_hidden_tensor(path: KeyPath, leaf: Any) -> None:
         return
 
 
+def _is_sequence(obj: Any) -> bool:
+    """Lists, tuples and namedtuples are walked; other subclasses (torch.Size ...) are leaves."""
+    return type(obj) in (list, tuple) or (isinstance(obj, tuple) and hasattr(type(obj), "_fields"))
+
+
 def _rebuild_sequence(obj: tuple | list, items: list) -> tuple | list:
-    if isinstance(obj, list):
+    if type(obj) is list:
         return items
-    if hasattr(type(obj), "_make"):  # namedtuple
-        return type(obj)._make(items)
-    return tuple(items)
+    if type(obj) is tuple:
+        return tuple(items)
+    return type(obj)._make(items)  # namedtuple
+
+
+def _rebuild_dict(obj: dict, items: list) -> dict:
+    if isinstance(obj, collections.defaultdict):
+        return collections.defaultdict(obj.default_factory, items)
+    if isinstance(obj, collections.OrderedDict):
+        return collections.OrderedDict(items)
+    return dict(items)
 
 
 def map_leaves(obj: Any, predicate: Callable[[Any], bool], fn: Callable[[KeyPath, Any], Any], *,
                on_other: Callable[[KeyPath, Any], None] | None = None, path: KeyPath = ()) -> Any:
     """Return ``obj`` rebuilt with every leaf selected by ``predicate`` replaced by ``fn(path, leaf)``.
 
-    Dicts keep their type when it is ``dict`` or ``OrderedDict`` (other mappings are rebuilt as
-    plain dicts); lists stay lists, tuples and namedtuples keep their type. Leaves that are neither
-    selected nor containers are passed to ``on_other`` (which may raise) and kept as they are.
+    Dicts keep their type when it is ``dict``, ``OrderedDict`` or ``defaultdict`` (other mappings
+    are rebuilt as plain dicts); lists, tuples and namedtuples keep their type; other sequence
+    subclasses such as ``torch.Size`` are leaves. Leaves that are neither selected nor containers
+    are passed to ``on_other`` (which may raise) and kept as they are.
     """
     if predicate(obj):
         return fn(path, obj)
     if isinstance(obj, dict):
-        items = [(k, map_leaves(v, predicate, fn, on_other=on_other, path=path + (k,)))
-                 for k, v in obj.items()]
-        return OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
-    if isinstance(obj, (list, tuple)):
+        return _rebuild_dict(obj, [(k, map_leaves(v, predicate, fn, on_other=on_other, path=path + (k,)))
+                                   for k, v in obj.items()])
+    if _is_sequence(obj):
         return _rebuild_sequence(obj, [map_leaves(v, predicate, fn, on_other=on_other, path=path + (i,))
                                        for i, v in enumerate(obj)])
     if on_other is not None:
