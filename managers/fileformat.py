@@ -377,8 +377,8 @@ class LoadedPart:
     buffer: torch.Tensor
 
     def tensors(self) -> list[torch.Tensor]:
-        """The tensors, as views of ``buffer``, in placeholder index order."""
-        return [lay.view(self.buffer) for lay in self.header.layouts]
+        """The tensors in placeholder index order, each with a storage of its own over ``buffer``."""
+        return [lay.standalone(self.buffer) for lay in self.header.layouts]
 
 
 def decode_hollow(raw: bytes | memoryview, where: str) -> Any:

@@ -116,7 +116,7 @@ class BasicTensorAwareStateDict(TensorAwareStateDict):
             # Restore the originals whether or not staging worked; replaced below on success.
             self.insert_tensors(tensors)
         self.pop_tensors()
-        self.insert_tensors(staged.views)
+        self.insert_tensors([lay.standalone(staged.buffer) for lay in staged.layouts])
         self._devices = staged.devices
         if self._release is not None:
             self._release()  # the previous copies are replaced: their buffer goes back

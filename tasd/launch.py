@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -35,7 +36,9 @@ def _rank_main(fn: Callable, rank: int, world_size: int, store_path: str, timeou
             out = fn(rank, world_size, *args, **kwargs)
         finally:
             dist.destroy_process_group()
-        results.put((rank, True, out))
+        # Plain pickle copies tensor data; the queue's own pickling would pass shared memory that
+        # dies with this process before the parent reads it.
+        results.put((rank, True, pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)))
     except BaseException:  # report everything, including KeyboardInterrupt/SystemExit
         results.put((rank, False, traceback.format_exc()))
 
@@ -61,18 +64,22 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120.
             p.start()
         outcomes: dict[int, tuple[bool, Any]] = {}
         deadline = time.monotonic() + timeout_s
-        while len(outcomes) < world_size and time.monotonic() < deadline:
-            try:
-                rank, ok, out = results.get(timeout=0.2)
-                outcomes[rank] = (ok, out)
-            except queue.Empty:
-                if all(not p.is_alive() for p in procs) and results.empty():
-                    break
-        for p in procs:
-            p.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
-            if p.is_alive():
-                p.kill()
-                p.join()
+        try:
+            while len(outcomes) < world_size and time.monotonic() < deadline:
+                try:
+                    rank, ok, out = results.get(timeout=0.2)
+                except queue.Empty:
+                    if all(not p.is_alive() for p in procs) and results.empty():
+                        break
+                    continue
+                # Results come from this function's own child processes: trusted bytes.
+                outcomes[rank] = (ok, pickle.loads(out) if ok else out)
+        finally:
+            for p in procs:
+                p.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
+                if p.is_alive():
+                    p.kill()
+                    p.join()
     failures = {r: out for r, (ok, out) in outcomes.items() if not ok}
     for r, p in enumerate(procs):
         if r not in outcomes:

@@ -40,8 +40,19 @@ class TensorLayout:
     nbytes: int
 
     def view(self, buffer: torch.Tensor) -> torch.Tensor:
-        """This tensor as a view of ``buffer`` (a 1-D uint8 tensor)."""
+        """This tensor as a view of ``buffer`` (a 1-D uint8 tensor), sharing its storage."""
         flat = buffer[self.offset : self.offset + self.nbytes]
+        return flat.view(self.dtype).view(self.shape)
+
+    def standalone(self, buffer: torch.Tensor) -> torch.Tensor:
+        """This tensor over the same memory of ``buffer`` but with a storage of its own (offset 0,
+        its own size), for tensors handed to users: some torch APIs ignore a view's storage offset
+        (``torch.set_rng_state`` reads from the storage start), and ``torch.save`` of a view would
+        write the whole buffer. The buffer's memory stays alive while the tensor does."""
+        if self.nbytes == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        flat = torch.frombuffer(buffer.numpy(), dtype=torch.uint8, count=self.nbytes,
+                                offset=self.offset)
         return flat.view(self.dtype).view(self.shape)
 
 

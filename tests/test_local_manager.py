@@ -229,3 +229,45 @@ def test_checkpoint_of_another_world_size_is_ignored(ranks, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tasd.managers"):
         assert LocalCheckpointManager(tmp_path, SESSION).find_latest() == -1  # world of one now
     assert "world size 2" in caplog.text
+
+
+def corrupt_between_find_and_load(rank, world, root):
+    ranks_root = Path(root)
+    m = LocalCheckpointManager(root, SESSION)
+    m.save(BasicTensorAwareStateDict(rank_state(rank, 4)), 4)
+    m2 = LocalCheckpointManager(root, SESSION)
+    assert m2.find_latest() == 4
+    if rank == 0:
+        victim = ranks_root / SESSION / "0" / "iter_0000004_0_local.tasd"
+        data = bytearray(victim.read_bytes())
+        data[-1] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    try:
+        m2.load()
+    except CheckpointingException as e:
+        return str(e)
+    return None
+
+
+def test_part_damaged_after_find_latest_fails_load_on_every_rank(ranks, tmp_path):
+    err0, err1 = ranks(corrupt_between_find_and_load, 2, tmp_path)
+    assert "checksum mismatch" in err0 and "iter_0000004_0_local.tasd" in err0
+    assert "rank(s) [0]" in err1 and "checksum mismatch" in err1
+
+
+def loaded_tensors_stand_alone(rank, world, root):
+    rng = torch.get_rng_state()
+    m = LocalCheckpointManager(root, SESSION)
+    m.save(BasicTensorAwareStateDict({"pad": torch.ones(5000), "rng": rng, "w": torch.arange(10.0)}), 1)
+    sd, _ = LocalCheckpointManager(root, SESSION).load()
+    torch.set_rng_state(sd.state_dict["rng"])  # reads from its storage's start: must be the tensor's
+    assert torch.equal(torch.get_rng_state(), rng)
+    path = Path(root) / f"w{rank}.pt"
+    torch.save(sd.state_dict["w"], path)
+    return sd.state_dict["w"], path.stat().st_size  # a tensor result travels back to the parent
+
+
+def test_loaded_tensors_have_their_own_storage(ranks, tmp_path):
+    for w, size in ranks(loaded_tensors_stand_alone, 2, tmp_path):
+        assert torch.equal(w, torch.arange(10.0))
+        assert size < 5000, "torch.save of one loaded tensor must not write the whole part"

@@ -1,0 +1,211 @@
+"""``tasd demo``: save local checkpoints on N CPU ranks, "crash", restart and resume bit-exactly.
+
+Each rank is a process (``tasd.launch.run_ranks``, gloo) with a ``LocalCheckpointManager`` whose
+directory ``<root>/demo/<rank>`` stands for that node's local disk.
+
+1. ``train_phase``: every rank builds the same tiny model and trains it data-parallel with Adam on synthetic data drawn from a ``torch.Generator`` seeded by (step, rank). Every
+   ``save_every`` steps it saves model, optimizer, iteration and RNG state. Training goes on
+   ``LOST_STEPS`` steps past the last save, work a real failure would lose. Each rank returns its
+   save statistics and snapshots of its state at the last checkpoint and at the final step.
+2. ``restart_phase``: fresh processes and managers (nothing kept in memory) call ``find_latest``
+   and ``load``, restore a freshly built model and optimizer, check them bitwise against the
+   snapshot taken at the checkpoint, redo the lost steps and check the result bitwise against the
+   final snapshot (same world size, same data, gloo: training is deterministic).
+
+``run_demo`` runs both phases and prints a report with rich. Phases are separate functions so later
+scenarios (losing a node's directory, asynchronous saves) can slot in between them.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.table import Table
+
+from tasd.basic import BasicTensorAwareStateDict
+from tasd.launch import RankFailure, run_ranks
+from tasd.managers import LocalCheckpointManager
+
+SESSION = "demo"
+LOST_STEPS = 2  # steps trained after the last checkpoint, lost in the "crash"
+_BATCH, _IN, _HIDDEN, _OUT = 16, 32, 64, 8
+
+
+def _build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The same model on every rank (fixed seed) and an Adam optimizer."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(_IN, _HIDDEN), torch.nn.ReLU(), torch.nn.Linear(_HIDDEN, _OUT))
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, rank: int) -> None:
+    """One data-parallel step. Gradients are averaged with one all_reduce per parameter, in a fixed
+    order, so that the run is bit-reproducible after a restart (DDP's buckets are laid out
+    differently on its first iteration, which changes gloo's summation order)."""
+    g = torch.Generator().manual_seed(1_000_003 * step + rank)  # data depends on (step, rank) only
+    x, y = torch.randn(_BATCH, _IN, generator=g), torch.randn(_BATCH, _OUT, generator=g)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        p.grad.div_(dist.get_world_size())
+    opt.step()
+
+
+def _snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> dict:
+    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
+            "iteration": step, "rng": torch.get_rng_state().clone()}
+
+
+def _mismatches(got: Any, want: Any, path: str = "") -> list[str]:
+    """Paths where ``got`` differs from ``want``: tensors bitwise (dtype, shape, values), the rest by ==."""
+    if isinstance(want, torch.Tensor):
+        ok = (isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == want.shape
+              and torch.equal(got, want))
+        return [] if ok else [path or "<root>"]
+    if isinstance(want, dict):
+        if not isinstance(got, dict) or set(got) != set(want):
+            return [path or "<root>"]
+        return [m for k in want for m in _mismatches(got[k], want[k], f"{path}.{k}" if path else str(k))]
+    if isinstance(want, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(want):
+            return [path or "<root>"]
+        return [m for i, (a, b) in enumerate(zip(got, want)) for m in _mismatches(a, b, f"{path}[{i}]")]
+    return [] if got == want else [path or "<root>"]
+
+
+def train_phase(rank: int, world_size: int, root: str, steps: int, save_every: int) -> dict:
+    """Phase 1 on one rank: train ``steps + LOST_STEPS`` steps, saving every ``save_every``."""
+    torch.set_num_threads(1)
+    model, opt = _build()
+    manager = LocalCheckpointManager(root, session_id=SESSION)
+    saves, at_ckpt = [], None
+    for step in range(1, steps + LOST_STEPS + 1):
+        _train_step(model, opt, step, rank)
+        if step <= steps and step % save_every == 0:
+            sd = BasicTensorAwareStateDict({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                            "iteration": step, "rng": torch.get_rng_state()})
+            t0 = time.perf_counter()
+            manager.save(sd, iteration=step)
+            stats = asdict(manager.last_save)
+            stats.pop("extra", None)
+            saves.append({**stats, "wall_s": time.perf_counter() - t0})
+            at_ckpt = _snapshot(model, opt, step)
+    return {"rank": rank, "saves": saves, "at_ckpt": at_ckpt,
+            "final": _snapshot(model, opt, steps + LOST_STEPS),
+            "ckpt_dir": str(manager.local_ckpt_dir)}
+
+
+def restart_phase(rank: int, world_size: int, root: str, expected: list[dict]) -> dict:
+    """Phase 2 on one rank: find, load, verify, redo the lost steps, verify again.
+    ``expected`` is phase 1's result list (indexed by rank)."""
+    torch.set_num_threads(1)
+    at_ckpt, final = expected[rank]["at_ckpt"], expected[rank]["final"]
+    model, opt = _build()
+    manager = LocalCheckpointManager(root, session_id=SESSION)
+    t0 = time.perf_counter()
+    found = manager.find_latest()
+    t1 = time.perf_counter()
+    sd, ckpt_id = manager.load()
+    t2 = time.perf_counter()
+    state = sd.state_dict
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    problems = []
+    want_it = at_ckpt["iteration"] if at_ckpt else -1
+    if (found, ckpt_id[0], state["iteration"]) != (want_it,) * 3:
+        problems.append(f"expected iteration {want_it}, find_latest gave {found}, load gave "
+                        f"{ckpt_id[0]}, the state dict says {state['iteration']}")
+    restored = _snapshot(model, opt, state["iteration"])
+    problems += [f"restored {p} differs from the saved one" for p in _mismatches(restored, at_ckpt)]
+    for step in range(state["iteration"] + 1, final["iteration"] + 1):
+        _train_step(model, opt, step, rank)
+    resumed = _snapshot(model, opt, final["iteration"])
+    problems += [f"after resuming, {p} differs from phase 1" for p in _mismatches(resumed, final)]
+    return {"rank": rank, "found": found, "find_s": t1 - t0, "load_s": t2 - t1,
+            "verified": not problems, "problems": problems}
+
+
+def _train_table(results: list[dict]) -> Table:
+    t = Table(title="phase 1: train and save")
+    for col in ("rank", "saved iterations", "bytes/ckpt", "save s (mean)", "save s (max)"):
+        t.add_column(col, justify="left" if col == "saved iterations" else "right")
+    for r in results:
+        s = r["saves"]
+        totals = [x["total_s"] for x in s] or [0.0]
+        t.add_row(str(r["rank"]), ", ".join(str(x["iteration"]) for x in s) or "-",
+                  f"{s[-1]['file_bytes']:,}" if s else "-",
+                  f"{sum(totals) / len(totals):.4f}", f"{max(totals):.4f}")
+    return t
+
+
+def _restart_table(results: list[dict]) -> Table:
+    t = Table(title="phase 2: restart, load and resume")
+    for col in ("rank", "found iteration", "find_latest s", "load s", "verified"):
+        t.add_column(col, justify="right")
+    for r in results:
+        t.add_row(str(r["rank"]), str(r["found"]), f"{r['find_s']:.4f}", f"{r['load_s']:.4f}",
+                  "[green]yes[/]" if r["verified"] else "[red]NO[/]")
+    return t
+
+
+def run_demo(ranks: int = 4, steps: int = 12, save_every: int = 4, directory: str | None = None,
+             keep: bool = False, console: Console | None = None) -> int:
+    """Run both phases and print the report; 0 on success, 1 on failure. Checkpoints are removed
+    afterwards unless ``keep`` or the run failed."""
+    console = console or Console()
+    if ranks < 1 or save_every < 1 or steps < save_every:
+        console.print("[red]demo needs ranks >= 1 and steps >= save-every >= 1[/]")
+        return 1
+    root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="tasd-demo-"))
+    session_dir = root / SESSION
+    if session_dir.exists() and any(session_dir.iterdir()):
+        console.print(f"[red]{session_dir} already holds files: remove it or choose another --dir[/]")
+        return 1
+    console.print(f"tasd demo: {ranks} ranks (gloo, CPU), {steps} steps (+{LOST_STEPS} lost), "
+                  f"checkpoint every {save_every} steps, in {session_dir}")
+    ok = False
+    try:
+        t0 = time.perf_counter()
+        trained = run_ranks(train_phase, ranks, str(root), steps, save_every)
+        console.print(_train_table(trained))
+        console.print(f"phase 1 took {time.perf_counter() - t0:.1f}s; the job now \"crashes\": "
+                      f"steps after iteration {trained[0]['saves'][-1]['iteration']} are lost")
+        t0 = time.perf_counter()
+        restarted = run_ranks(restart_phase, ranks, str(root), trained)
+        console.print(_restart_table(restarted))
+        console.print(f"phase 2 took {time.perf_counter() - t0:.1f}s")
+        for r in restarted:
+            for p in r["problems"]:
+                console.print(f"[red]rank {r['rank']}: {p}[/]")
+        ok = all(r["verified"] for r in restarted)
+        if ok:
+            console.print(f"[bold green]demo OK[/]: restored iteration {restarted[0]['found']} on {ranks} "
+                          f"rank{'s' if ranks > 1 else ''}, model and optimizer equal to the saved ones, "
+                          "resumed training matches")
+        else:
+            console.print("[bold red]demo FAILED[/]: the restored or resumed state differs (see above)")
+    except RankFailure as e:
+        console.print(f"[bold red]demo FAILED[/]: ranks {sorted(e.failures)} failed")
+        by_report: dict[str, list[int]] = {}
+        for rank, report in sorted(e.failures.items()):
+            by_report.setdefault(report, []).append(rank)
+        for report, failed in by_report.items():  # identical tracebacks printed once
+            console.print(f"--- rank(s) {', '.join(map(str, failed))} ---\n{report}",
+                          markup=False, highlight=False, soft_wrap=True)
+    finally:
+        if ok and not keep:
+            shutil.rmtree(session_dir if directory else root, ignore_errors=True)
+        else:
+            console.print(f"checkpoints kept in {session_dir}")
+    return 0 if ok else 1
