@@ -42,15 +42,16 @@ class SaveStats:
 
 
 def _raise_agreed(failures: dict[int, str], rank: int, local: BaseException | None, what: str) -> None:
-    """Raise on every rank once ``failures`` (from gather_failures) is non-empty."""
+    """Raise on every rank once ``failures`` (rank -> message, from gather_failures) is non-empty:
+    the failing rank its own error, the others a CheckpointingException naming the failed ranks."""
     if not failures:
         return
-    others = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
     if local is not None:
         if isinstance(local, (TypeError, ValueError, CheckpointingException)):
             raise local
         raise CheckpointingException(f"{what} failed on rank {rank}: {local}") from local
-    raise CheckpointingException(f"{what} failed on rank(s) {sorted(failures)}: {others}")
+    details = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
+    raise CheckpointingException(f"{what} failed on rank(s) {sorted(failures)}: {details}")
 
 
 class BaseCheckpointManager(ABC):
@@ -150,7 +151,7 @@ class BaseCheckpointManager(ABC):
             error = e
             logger.debug("rank %d: save of iteration %s failed locally: %s", self.rank, iteration, e)
         t2 = time.perf_counter()
-        failures = self._agree(error, f"save of iteration {iteration}", iteration if isinstance(iteration, int) else -1)
+        error, failures = self._agree(error, iteration if type(iteration) is int else -1)
         if failures:
             if written:
                 self._remove_part(iteration, self.rank)
@@ -163,13 +164,16 @@ class BaseCheckpointManager(ABC):
         logger.info("rank %d saved iteration %d: %d bytes, stage %.3fs write %.3fs finalize %.3fs",
                     self.rank, iteration, stats.file_bytes, stats.stage_s, stats.write_s, stats.finalize_s)
 
-    def _agree(self, error: BaseException | None, what: str, iteration: int) -> dict[int, str]:
-        """One all_reduce: did any rank fail, and did all ranks pass the same iteration?"""
+    def _agree(self, error: BaseException | None, iteration: int) -> tuple[BaseException | None, dict[int, str]]:
+        """One all_reduce: did any rank fail, and did all ranks pass the same iteration? Returns the
+        local error (a mismatch becomes one on every rank) and the failures of all ranks."""
         flag, hi, neg_lo = collectives.all_reduce_max([1 if error else 0, iteration, -iteration], self.group)
-        failures = collectives.gather_failures(error, self.group) if flag else {}
-        if hi != -neg_lo:
-            failures.setdefault(-1, f"ranks passed different iterations ({-neg_lo}..{hi}) to {what.split(' ')[0]}")
-        return failures
+        if error is None and hi != -neg_lo:
+            error = CheckpointingException(f"ranks passed different iterations ({-neg_lo} to {hi}); "
+                                           f"rank {self.rank} passed {iteration}")
+        if flag or hi != -neg_lo:
+            return error, collectives.gather_failures(error, self.group)
+        return error, {}
 
     def find_latest(self) -> int:
         """Newest iteration every rank can load (-1 if none). Collective: two all_gathers of a small
@@ -209,8 +213,8 @@ class BaseCheckpointManager(ABC):
             sd = self._load_part(iteration, self.rank)
         except Exception as e:
             error = e
-        _raise_agreed(self._agree(error, f"load of iteration {iteration}", iteration), self.rank, error,
-                      f"load of iteration {iteration}")
+        error, failures = self._agree(error, iteration)
+        _raise_agreed(failures, self.rank, error, f"load of iteration {iteration}")
         return sd, (iteration, self.rank, self.session_id)
 
     def _load_part(self, iteration: int, owner: int) -> TensorAwareStateDict:

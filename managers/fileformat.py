@@ -195,7 +195,9 @@ def write_part(path: Path, meta: PartMeta, hollow: bytes, buffer: torch.Tensor,
                     fd = os.open(tmp, os.O_WRONLY)
                 for o, n in _chunks(len(data) - bulk, CHUNK_BYTES):
                     _pwrite_all(fd, data[bulk + o:bulk + o + n], data_offset + bulk + o)
-                prefix, _ = _encode_header(meta, hollow, layouts, len(data), sums_future.result())
+                prefix, final_offset = _encode_header(meta, hollow, layouts, len(data), sums_future.result())
+                if final_offset != data_offset:  # checksum fields are fixed-width: cannot happen
+                    raise RuntimeError(f"header of {path} changed size while it was written")
                 _pwrite_all(fd, memoryview(prefix), 0)
                 os.ftruncate(fd, data_offset + len(data))
                 os.fsync(fd)
@@ -326,14 +328,15 @@ def _read_hollow(fd: int, header: PartHeader, path: Path) -> bytes:
 
 
 def _read_data(fd: int, header: PartHeader, path: Path, out: memoryview | None) -> None:
-    """Read the data section into ``out`` (or through a scratch chunk when None), checking every chunk."""
+    """Read the data section into ``out`` (or through a scratch chunk when None), checking every
+    chunk's checksum; hashing runs in a thread (GIL released) while the next chunk is read."""
     scratch = None if out is not None else memoryview(bytearray(min(header.chunk_bytes, header.data_nbytes)))
     with ThreadPoolExecutor(1) as hasher:
         pending = []
         for i, (o, n) in enumerate(_chunks(header.data_nbytes, header.chunk_bytes)):
-            if scratch is not None:
-                for f in pending:  # the scratch chunk is reused: finish hashing it first
-                    f.result()
+            if scratch is not None:  # the scratch chunk is reused: finish hashing it first
+                for f in pending:
+                    _check_chunk(f.result(), header, path)
                 pending = []
             dst = out[o:o + n] if out is not None else scratch[:n]
             got = 0
@@ -343,8 +346,6 @@ def _read_data(fd: int, header: PartHeader, path: Path, out: memoryview | None) 
                     raise _corrupt(path, f"short read in data chunk {i} (truncated?)")
                 got += k
             pending.append(hasher.submit(lambda d=dst, i=i: (i, _checksum(d))))
-            for f in [f for f in pending if f.done()]:
-                _check_chunk(f.result(), header, path)
         for f in pending:
             _check_chunk(f.result(), header, path)
 

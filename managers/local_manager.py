@@ -57,6 +57,9 @@ class LocalCheckpointManager(BaseCheckpointManager):
         self.direct_io = direct_io
         # Parts this process wrote or fully verified, with the file identity they had then.
         self._verified: dict[Path, tuple[int, int, int]] = {}
+        # The newest own part, read whole while find_latest verified it, kept for the next load so
+        # that a restart reads it once: (path, identity, part).
+        self._prefetched: tuple[Path, tuple[int, int, int], LoadedPart] | None = None
 
     # -- helpers --------------------------------------------------------------------------------
     def _path(self, iteration: int, owner: int) -> Path:
@@ -84,6 +87,7 @@ class LocalCheckpointManager(BaseCheckpointManager):
 
     # -- storage hooks ---------------------------------------------------------------------------
     def _write_part(self, meta: PartMeta, hollow: bytes, staged: Staged) -> int:
+        self._prefetched = None
         self.local_ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = self._path(meta.iteration, meta.owner_rank)
         try:
@@ -93,18 +97,27 @@ class LocalCheckpointManager(BaseCheckpointManager):
         self._verified[path] = self._identity(path)
         return size
 
-    def _is_verified(self, path: Path) -> bool:
+    def _is_unchanged(self, path: Path, identity: tuple[int, int, int] | None) -> bool:
         try:
-            return self._verified.get(path) == self._identity(path)
+            return identity is not None and identity == self._identity(path)
         except FileNotFoundError:
             return False
 
+    def _is_verified(self, path: Path) -> bool:
+        return self._is_unchanged(path, self._verified.get(path))
+
     def _advertised_parts(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
-        for (iteration, owner), path in sorted(self._scan().items()):
+        self._prefetched = None
+        for (iteration, owner), path in sorted(self._scan().items(), reverse=True):
             if not self._is_verified(path):
                 try:
-                    header = verify_part(path)
+                    if owner == self.rank and self._prefetched is None:
+                        part = read_part(path)  # verifies, and load will not read it again
+                        header = part.header
+                        self._prefetched = (path, self._identity(path), part)
+                    else:
+                        header = verify_part(path)
                 except (CorruptCheckpointError, OSError) as e:
                     logger.warning("rank %d skips iteration %d: %s", self.rank, iteration, e)
                     continue
@@ -121,8 +134,17 @@ class LocalCheckpointManager(BaseCheckpointManager):
             out.setdefault(iteration, []).append(owner)
         return out
 
+    def find_latest(self) -> int:
+        latest = super().find_latest()
+        if self._prefetched is not None and self._prefetched[0] != self._path(latest, self.rank):
+            self._prefetched = None  # not the part load will read: do not hold its memory
+        return latest
+
     def _read_part(self, iteration: int, owner: int) -> LoadedPart:
         path = self._path(iteration, owner)
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == path and self._is_unchanged(path, prefetched[1]):
+            return prefetched[2]  # handed out once: a second load reads the file again
         try:
             return read_part(path)
         except OSError as e:

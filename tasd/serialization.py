@@ -25,7 +25,7 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 _DEFAULT: set[tuple[str, str]] = {
     ("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex",
-                              "str", "bytes", "bytearray", "bool", "slice", "range", "object")
+                              "str", "bytes", "bytearray", "bool", "slice", "range")
 } | {
     ("collections", "OrderedDict"), ("collections", "defaultdict"), ("collections", "deque"),
     ("argparse", "Namespace"),

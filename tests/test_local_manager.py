@@ -271,3 +271,19 @@ def test_loaded_tensors_have_their_own_storage(ranks, tmp_path):
     for w, size in ranks(loaded_tensors_stand_alone, 2, tmp_path):
         assert torch.equal(w, torch.arange(10.0))
         assert size < 5000, "torch.save of one loaded tensor must not write the whole part"
+
+
+def test_restart_reads_the_part_once(tmp_path, monkeypatch):
+    from tasd.managers import local_manager
+    LocalCheckpointManager(tmp_path, SESSION).save(BasicTensorAwareStateDict(rank_state(0, 3)), 3)
+    reads = []
+    real = local_manager.read_part
+    monkeypatch.setattr(local_manager, "read_part", lambda p: reads.append(p) or real(p))
+    fresh = LocalCheckpointManager(tmp_path, SESSION)
+    assert fresh.find_latest() == 3 and len(reads) == 1  # verified by reading it whole
+    first, _ = fresh.load()
+    assert len(reads) == 1, "load uses what find_latest read"
+    second, _ = fresh.load()
+    assert len(reads) == 2, "a second load reads again: its tensors are its own"
+    first.state_dict["rank_step"].zero_()
+    assert_same(second.state_dict, rank_state(0, 3))
