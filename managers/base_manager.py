@@ -84,7 +84,12 @@ class BaseCheckpointManager(ABC):
 
     @abstractmethod
     def _cleanup(self, keep: int) -> None:
-        """Remove every part of every iteration other than ``keep``."""
+        """Remove every part of every iteration other than ``keep``; may finish in the background
+        (see wait_for_cleanup)."""
+
+    def wait_for_cleanup(self) -> None:
+        """Wait until parts superseded by the last save are removed. Not collective; save,
+        find_latest and load call it first."""
 
     @abstractmethod
     def _newest_local_iteration(self) -> int:
@@ -132,6 +137,7 @@ class BaseCheckpointManager(ABC):
         """
         if is_async:
             raise ValueError("is_async=True is not supported yet: asynchronous saves are not implemented")
+        self.wait_for_cleanup()
         stats = SaveStats(iteration=iteration)
         t0 = time.perf_counter()
         error: BaseException | None = None
@@ -178,6 +184,7 @@ class BaseCheckpointManager(ABC):
     def find_latest(self) -> int:
         """Newest iteration every rank can load (-1 if none). Collective: two all_gathers of a small
         JSON list, whatever the number of files. Parts that fail verification are skipped."""
+        self.wait_for_cleanup()
         error: BaseException | None = None
         parts: dict[int, list[int]] = {}
         try:
@@ -202,6 +209,7 @@ class BaseCheckpointManager(ABC):
         """Load this rank's part of the latest iteration (find_latest is called first if it has not
         been). Collective. Raises CheckpointingException on every rank if any rank fails, and when
         there is no checkpoint. May be called more than once."""
+        self.wait_for_cleanup()
         if self.latest_iteration is None:
             self.find_latest()
         iteration = self.latest_iteration

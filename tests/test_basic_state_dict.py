@@ -142,3 +142,17 @@ def test_pool_bound_drops_oldest_free_buffers():
     assert pool.pooled_bytes == 600 and pool.in_use_bytes == 0
     with pytest.raises(ValueError):
         pool.release(a)
+
+
+def test_restore_tensor_device_returns_tensors_to_their_recorded_device():
+    """A part saved from CUDA tensors records their device; restoring on a machine without CUDA
+    keeps them on CPU instead of failing (and moves them back to CUDA where it exists)."""
+    sd = BasicTensorAwareStateDict({"w": torch.ones(3)})
+    tensors = sd.pop_tensors()
+    sd.state_dict["w"] = TensorPlaceholder(0, torch.float32, (3,), "cuda:0")  # as saved on a GPU node
+    hollow = safe_loads(dumps(sd))
+    hollow.insert_tensors(tensors)
+    hollow.restore_tensor_device()
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert hollow.state_dict["w"].device.type == expected
+    assert torch.equal(hollow.state_dict["w"].cpu(), torch.ones(3))

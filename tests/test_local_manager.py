@@ -39,6 +39,7 @@ def save_steps(rank, world, root, steps):
     assert m.local_ckpt_dir == Path(root) / SESSION / str(rank)
     for step in steps:
         m.save(BasicTensorAwareStateDict(rank_state(rank, step)), step)
+    m.wait_for_cleanup()
     return part_files(Path(root), rank), m.latest_iteration
 
 
