@@ -169,20 +169,19 @@ def default_pool() -> HostBufferPool:
 
 @dataclass
 class Staged:
-    """Tensors copied into one pooled buffer: ``views[i]`` is tensor ``i`` inside ``buffer``."""
+    """Tensors copied into one pooled buffer: tensor ``i`` is at ``layouts[i]`` inside ``buffer``;
+    ``devices[i]`` is the device it came from."""
 
     buffer: torch.Tensor
     layouts: list[TensorLayout]
-    views: list[torch.Tensor]
     devices: list[str]
     pool: HostBufferPool
 
     def release(self) -> None:
-        """Return the buffer to its pool; the views must not be used afterwards."""
+        """Return the buffer to its pool; nothing may read it afterwards."""
         if self.buffer is not None:
             self.pool.release(self.buffer)
             self.buffer = None  # type: ignore[assignment]
-            self.views = []
 
 
 def stage(tensors: Sequence[torch.Tensor], pool: HostBufferPool | None = None,
@@ -197,14 +196,11 @@ def stage(tensors: Sequence[torch.Tensor], pool: HostBufferPool | None = None,
     layouts, total = plan_layout(tensors)
     buffer = pool.acquire(total)
     try:
-        views = []
         for t, lay in zip(tensors, layouts):
-            dst = lay.view(buffer)
-            dst.copy_(t.detach(), non_blocking=non_blocking and t.device.type == "cuda")
-            views.append(dst)
+            lay.view(buffer).copy_(t.detach(), non_blocking=non_blocking and t.device.type == "cuda")
         if not non_blocking:
             device.synchronize()
     except BaseException:
         pool.release(buffer)
         raise
-    return Staged(buffer, layouts, views, [str(t.device) for t in tensors], pool)
+    return Staged(buffer, layouts, [str(t.device) for t in tensors], pool)
