@@ -33,7 +33,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -166,43 +166,67 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def chunk_checksums(data: memoryview) -> list[int]:
+    """xxh3-64 of each CHUNK_BYTES chunk of ``data`` (the data section's checksums)."""
+    return [_checksum(data[o:o + n]) for o, n in _chunks(len(data), CHUNK_BYTES)]
+
+
+def encode_prefix(meta: PartMeta, hollow: bytes, layouts: Sequence[TensorLayout], buffer: torch.Tensor) -> bytes:
+    """Everything of a part before its data section (preamble, header with the data's checksums,
+    hollow bytes, zero padding): with ``buffer`` it is the whole part, to send or write as is."""
+    data = _as_bytes(buffer)
+    prefix, data_offset = _encode_header(meta, hollow, layouts, len(data), chunk_checksums(data))
+    return prefix.ljust(data_offset, b"\0")
+
+
 def write_part(path: Path, meta: PartMeta, hollow: bytes, buffer: torch.Tensor,
                layouts: Sequence[TensorLayout], direct_io: bool = True) -> int:
-    """Write one part atomically: ``path.dirty`` then fsync, rename to ``path``, fsync the directory.
+    """Encode and write one part (see :func:`write_encoded`); the data's checksums are computed
+    in a thread (GIL released) while the data is written. Returns the file size. Not collective."""
+    data = _as_bytes(buffer)
+    with ThreadPoolExecutor(1) as hasher:
+        sums = hasher.submit(chunk_checksums, data)
+        n_chunks = math.ceil(len(data) / CHUNK_BYTES)
+        _, data_offset = _encode_header(meta, hollow, layouts, len(data), [0] * n_chunks)
 
-    ``buffer`` is the staging buffer (1-D uint8, host) holding the tensors at ``layouts``. With
-    ``direct_io`` the aligned bulk of the data goes through O_DIRECT where the filesystem allows it.
-    On any error the ``.dirty`` file is removed and the error propagates (OSError as it comes).
-    Returns the file size. Not collective.
+        def prefix() -> bytes:
+            encoded, final_offset = _encode_header(meta, hollow, layouts, len(data), sums.result())
+            if final_offset != data_offset:  # checksum fields are fixed-width: cannot happen
+                raise RuntimeError(f"header of {path} changed size while it was written")
+            return encoded
+
+        return write_encoded(path, data_offset, buffer, prefix, direct_io)
+
+
+def write_encoded(path: Path, data_offset: int, buffer: torch.Tensor, prefix: bytes | Callable[[], bytes],
+                  direct_io: bool = True) -> int:
+    """Write a part atomically: ``path.dirty``, fsync, rename to ``path``, fsync the directory.
+
+    ``buffer`` (1-D uint8, host) goes at ``data_offset``, then ``prefix`` (bytes, or a function
+    giving them once the data is written) at 0. With ``direct_io`` the aligned bulk of the data goes
+    through O_DIRECT where the file system allows it. On any error the ``.dirty`` file is removed
+    and the error propagates (OSError as it comes). Returns the file size. Not collective.
     """
     data = _as_bytes(buffer)
     tmp = str(path) + DIRTY_SUFFIX
     try:
-        with ThreadPoolExecutor(1) as hasher:
-            # Checksums are computed (GIL released) while the data is written.
-            sums_future = hasher.submit(lambda: [_checksum(data[o:o + n]) for o, n in _chunks(len(data), CHUNK_BYTES)])
-            n_chunks = math.ceil(len(data) / CHUNK_BYTES)
-            prefix, data_offset = _encode_header(meta, hollow, layouts, len(data), [0] * n_chunks)
-            bulk = len(data) // DATA_ALIGNMENT * DATA_ALIGNMENT if direct_io else 0
-            fd, direct = _open_for_write(tmp, direct_io and bulk > 0)
-            try:
-                if not direct:
-                    bulk = 0
-                for o, n in _chunks(bulk, CHUNK_BYTES):
-                    _pwrite_all(fd, data[o:o + n], data_offset + o)
-                if direct:  # the unaligned rest and the header go through the page cache
-                    os.close(fd)
-                    fd = os.open(tmp, os.O_WRONLY)
-                for o, n in _chunks(len(data) - bulk, CHUNK_BYTES):
-                    _pwrite_all(fd, data[bulk + o:bulk + o + n], data_offset + bulk + o)
-                prefix, final_offset = _encode_header(meta, hollow, layouts, len(data), sums_future.result())
-                if final_offset != data_offset:  # checksum fields are fixed-width: cannot happen
-                    raise RuntimeError(f"header of {path} changed size while it was written")
-                _pwrite_all(fd, memoryview(prefix), 0)
-                os.ftruncate(fd, data_offset + len(data))
-                os.fsync(fd)
-            finally:
+        bulk = len(data) // DATA_ALIGNMENT * DATA_ALIGNMENT if direct_io else 0
+        fd, direct = _open_for_write(tmp, direct_io and bulk > 0)
+        try:
+            if not direct:
+                bulk = 0
+            for o, n in _chunks(bulk, CHUNK_BYTES):
+                _pwrite_all(fd, data[o:o + n], data_offset + o)
+            if direct:  # the unaligned rest and the header go through the page cache
                 os.close(fd)
+                fd = os.open(tmp, os.O_WRONLY)
+            for o, n in _chunks(len(data) - bulk, CHUNK_BYTES):
+                _pwrite_all(fd, data[bulk + o:bulk + o + n], data_offset + bulk + o)
+            _pwrite_all(fd, memoryview(prefix() if callable(prefix) else prefix), 0)
+            os.ftruncate(fd, data_offset + len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, path)
         fsync_dir(Path(path).parent)
     except BaseException:
@@ -214,8 +238,10 @@ def write_part(path: Path, meta: PartMeta, hollow: bytes, buffer: torch.Tensor,
     return data_offset + len(data)
 
 
-def _corrupt(path: Path, reason: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"checkpoint file {path} is unusable: {reason}")
+def _corrupt(path: Path | str, reason: str) -> CorruptCheckpointError:
+    """``path`` is a file, or a string saying where bytes came from (e.g. a received part)."""
+    where = f"checkpoint file {path}" if isinstance(path, Path) else path
+    return CorruptCheckpointError(f"{where} is unusable: {reason}")
 
 
 def _int(obj: dict, key: str, path: Path, minimum: int = 0) -> int:
@@ -292,39 +318,74 @@ def _pread_exact(fd: int, n: int, offset: int, path: Path) -> bytes:
     return out
 
 
+def _parse_preamble(pre: bytes, size: int, path: Path | str) -> tuple[int, int]:
+    """(header length, header checksum) from the 24-byte preamble of a part of ``size`` bytes."""
+    if size < PREAMBLE.size or len(pre) < PREAMBLE.size:
+        raise _corrupt(path, f"only {size} bytes, shorter than the preamble")
+    magic, header_len, header_sum = PREAMBLE.unpack(pre[: PREAMBLE.size])
+    if magic != MAGIC:
+        raise _corrupt(path, "bad magic (not a tasd part file)")
+    if header_len > min(MAX_HEADER_BYTES, size - PREAMBLE.size):
+        raise _corrupt(path, f"header length {header_len} exceeds the file")
+    return header_len, header_sum
+
+
+def _check_header_bytes(raw: bytes, header_sum: int, path: Path | str, size: int) -> PartHeader:
+    if xxhash.xxh3_64_intdigest(raw) != header_sum:
+        raise _corrupt(path, "header checksum mismatch")
+    return _parse_header(path, raw, size)
+
+
 def read_header(path: Path, fd: int | None = None) -> PartHeader:
     """Read and validate the preamble and header of ``path`` (CorruptCheckpointError if unusable;
     OSError if it cannot be opened)."""
+    path = Path(path)
     own = fd is None
     if own:
         fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        if size < PREAMBLE.size:
-            raise _corrupt(path, f"only {size} bytes, shorter than the preamble")
-        magic, header_len, header_sum = PREAMBLE.unpack(_pread_exact(fd, PREAMBLE.size, 0, path))
-        if magic != MAGIC:
-            raise _corrupt(path, "bad magic (not a tasd part file)")
-        if header_len > min(MAX_HEADER_BYTES, size - PREAMBLE.size):
-            raise _corrupt(path, f"header length {header_len} exceeds the file")
-        raw = _pread_exact(fd, header_len, PREAMBLE.size, path)
-        if xxhash.xxh3_64_intdigest(raw) != header_sum:
-            raise _corrupt(path, "header checksum mismatch")
-        return _parse_header(path, raw, size)
+        header_len, header_sum = _parse_preamble(os.pread(fd, PREAMBLE.size, 0), size, path)
+        return _check_header_bytes(_pread_exact(fd, header_len, PREAMBLE.size, path), header_sum, path, size)
     finally:
         if own:
             os.close(fd)
 
 
-def _read_hollow(fd: int, header: PartHeader, path: Path) -> bytes:
-    """The hollow bytes, checked against their checksum; the padding after them must be zero."""
-    raw = _pread_exact(fd, header.data_offset - header.hollow_offset, header.hollow_offset, path)
+def _check_hollow(raw: bytes, header: PartHeader, path: Path | str) -> bytes:
+    """``raw`` is everything from the hollow offset to the data offset: return the hollow bytes
+    after checking their checksum and that the padding after them is zero."""
     hollow, padding = raw[: header.hollow_nbytes], raw[header.hollow_nbytes :]
     if xxhash.xxh3_64_intdigest(hollow) != header.hollow_xxh3:
         raise _corrupt(path, "hollow state dict checksum mismatch")
     if padding.count(0) != len(padding):
         raise _corrupt(path, "non-zero bytes in the padding before the data section")
     return hollow
+
+
+def _read_hollow(fd: int, header: PartHeader, path: Path) -> bytes:
+    return _check_hollow(_pread_exact(fd, header.data_offset - header.hollow_offset, header.hollow_offset, path),
+                         header, path)
+
+
+def parse_prefix(prefix: bytes, data_nbytes: int, origin: str) -> tuple[PartHeader, bytes]:
+    """Validate a part's prefix received as bytes (see :func:`encode_prefix`) whose data section
+    has ``data_nbytes``: returns (header, hollow bytes). CorruptCheckpointError names ``origin``."""
+    size = len(prefix) + data_nbytes
+    header_len, header_sum = _parse_preamble(prefix, size, origin)
+    header = _check_header_bytes(bytes(prefix[PREAMBLE.size : PREAMBLE.size + header_len]), header_sum, origin, size)
+    if header.data_offset != len(prefix):
+        raise _corrupt(origin, f"prefix has {len(prefix)} bytes, its header puts the data at {header.data_offset}")
+    return header, _check_hollow(bytes(prefix[header.hollow_offset :]), header, origin)
+
+
+def verify_data(header: PartHeader, buffer: torch.Tensor, origin: str) -> None:
+    """Check a data section held in memory against ``header``'s chunk checksums."""
+    data = _as_bytes(buffer)
+    if len(data) != header.data_nbytes:
+        raise _corrupt(origin, f"data has {len(data)} bytes, the header says {header.data_nbytes}")
+    for i, got in enumerate(chunk_checksums(data)):
+        _check_chunk((i, got), header, origin)
 
 
 def _read_data(fd: int, header: PartHeader, path: Path, out: memoryview | None) -> None:
@@ -359,6 +420,7 @@ def _check_chunk(result: tuple[int, int], header: PartHeader, path: Path) -> Non
 def verify_part(path: Path) -> PartHeader:
     """Check header, hollow and data checksums of ``path`` without keeping its data. Raises
     CorruptCheckpointError (or OSError) when the file is unusable. Not collective."""
+    path = Path(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         header = read_header(path, fd)
@@ -394,6 +456,7 @@ def decode_hollow(raw: bytes | memoryview, where: str) -> Any:
 def read_part(path: Path) -> LoadedPart:
     """Read a whole part, verifying every checksum, into a fresh aligned host buffer. Raises
     CorruptCheckpointError (or OSError). Not collective."""
+    path = Path(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         header = read_header(path, fd)

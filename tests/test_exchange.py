@@ -1,0 +1,124 @@
+"""The exchange layer: whole parts moved between real ranks (processes, gloo) and validated."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tasd import BasicTensorAwareStateDict
+from tasd.launch import RankFailure, run_ranks
+from tasd.managers import CorruptCheckpointError
+from tasd.managers.exchange import OutgoingPart, Transfer, exchange_parts, plan_retrieval
+from tasd.managers.fileformat import LoadedPart, PartMeta, decode_hollow, encode_prefix
+from tasd.serialization import dumps
+from tasd.staging import HostBufferPool, stage
+from tests.test_basic_state_dict import assert_same
+
+
+def state_of(owner: int, n_tensors: int = 3) -> dict:
+    g = torch.Generator().manual_seed(owner)
+    return {"owner": owner, "w": [torch.randn(257 + i, generator=g) for i in range(n_tensors)],
+            "b": torch.arange(owner * 10, owner * 10 + 5, dtype=torch.int16)}
+
+
+def outgoing_part(owner: int, world: int, n_tensors: int = 3) -> OutgoingPart:
+    sd = BasicTensorAwareStateDict(state_of(owner, n_tensors))
+    tensors = sd.pop_tensors()
+    staged = stage(tensors, HostBufferPool())
+    return OutgoingPart(encode_prefix(PartMeta(5, owner, world), dumps(sd), staged.layouts, staged.buffer),
+                        staged.buffer)
+
+
+def as_state(received) -> dict:
+    sd = decode_hollow(received.hollow, "test")
+    sd.insert_tensors(LoadedPart(received.header, sd, received.buffer).tensors())
+    return sd.state_dict
+
+
+def ring_exchange(rank, world):
+    plan = [Transfer(r, r, (r + 1) % world) for r in range(world)]
+    got = exchange_parts(plan, {rank: outgoing_part(rank, world)})
+    (owner, part), = got.items()
+    assert owner == (rank - 1) % world and part.header.meta.owner_rank == owner
+    assert_same(as_state(part), state_of(owner))
+
+
+def test_ring_exchange_moves_whole_parts(ranks):
+    ranks(ring_exchange, 3)
+
+
+def two_parts_one_pair(rank, world):
+    # rank 0 holds its own part and a replica of rank 2's; it sends both to rank 1 in one plan
+    plan = [Transfer(0, 0, 1), Transfer(2, 0, 1), Transfer(1, 1, 2)]
+    mine = {0: {0: outgoing_part(0, world), 2: outgoing_part(2, world)}, 1: {1: outgoing_part(1, world)}, 2: {}}
+    got = exchange_parts(plan, mine[rank], chunk_bytes=512)  # small chunks: several rounds
+    expected = {0: [], 1: [0, 2], 2: [1]}[rank]
+    assert sorted(got) == expected
+    for owner in expected:
+        assert_same(as_state(got[owner]), state_of(owner))
+
+
+def test_several_parts_between_one_pair_and_chunked_data(ranks):
+    ranks(two_parts_one_pair, 3)
+
+
+def tampered(rank, world):
+    part = outgoing_part(rank, world)
+    if rank == 0:
+        part.buffer[100] ^= 1  # the data no longer matches the checksums in the prefix
+    try:
+        exchange_parts([Transfer(0, 0, 1), Transfer(1, 1, 0)], {rank: part})
+    except CorruptCheckpointError as e:
+        return str(e)
+    return None
+
+
+def test_corruption_in_transit_is_detected(ranks):
+    err0, err1 = ranks(tampered, 2)
+    assert err0 is None
+    assert "part of rank 0 received by rank 1 from rank 0" in err1 and "checksum mismatch" in err1
+
+
+def count_ops(rank, world, n_tensors):
+    counted = []
+    real = dist.batch_isend_irecv
+    dist.batch_isend_irecv = lambda ops: counted.append(len(ops)) or real(ops)
+    try:
+        exchange_parts([Transfer(0, 0, 1), Transfer(1, 1, 0)], {rank: outgoing_part(rank, world, n_tensors)})
+    finally:
+        dist.batch_isend_irecv = real
+    return sum(counted)
+
+
+def test_operation_count_does_not_grow_with_tensor_count(ranks):
+    few = ranks(count_ops, 2, 1)
+    many = ranks(count_ops, 2, 2000)
+    assert few == many == [6, 6]  # sizes, prefix, one data chunk: one send and one receive each
+
+
+def dead_peer(rank, world):
+    if rank == 1:
+        os._exit(3)
+    exchange_parts([Transfer(0, 0, 1), Transfer(1, 1, 0)], {0: outgoing_part(0, world)})
+
+
+def test_dead_peer_fails_the_exchange_instead_of_hanging():
+    with pytest.raises(RankFailure) as info:
+        run_ranks(dead_peer, 2, collective_timeout_s=5, timeout_s=60)
+    assert "exit code 3" in info.value.failures[1]
+    assert "timed out" not in info.value.failures[0], "rank 0 must fail on its own, not be killed"
+
+
+def test_retrieval_plan_spreads_senders():
+    # ranks 0..3 lost; each lost part is held by two survivors
+    needs = {0: [0], 1: [1], 2: [2], 3: [3]}
+    holders = {0: [4, 5], 1: [4, 5], 2: [4, 6], 3: [4, 6]}
+    plan = plan_retrieval(needs, holders)
+    senders = [t.src for t in plan]
+    assert sorted(t.owner for t in plan) == [0, 1, 2, 3]
+    assert max(senders.count(s) for s in set(senders)) == 2 and senders.count(4) <= 2
+    assert plan_retrieval({0: [9]}, holders) == [], "unrecoverable owners are left to the caller"
+    assert plan_retrieval(needs, holders) == plan, "deterministic"
