@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from tasd import device
 from tasd.managers import collectives
-from tasd.managers.fileformat import PartHeader, parse_prefix, verify_data
+from tasd.managers.fileformat import RawPart, parse_prefix, verify_data
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +48,6 @@ class OutgoingPart:
     buffer: torch.Tensor
 
 
-@dataclass
-class ReceivedPart:
-    """A part received and validated: header, raw prefix and hollow bytes, and its data."""
-
-    header: PartHeader
-    prefix: bytes
-    hollow: bytes
-    buffer: torch.Tensor
-
-
 def _tag(owner: int, kind: int) -> int:
     return owner * 4 + kind  # kind: 0 sizes, 1 prefix, 2 data
 
@@ -69,9 +59,9 @@ def _run(ops: list[dist.P2POp]) -> None:
 
 
 def exchange_parts(plan: Sequence[Transfer], outgoing: Mapping[int, OutgoingPart], group: Any = None,
-                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[int, ReceivedPart]:
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[int, RawPart]:
     """Execute ``plan``: send the parts this rank is the source of (from ``outgoing``, keyed by
-    owner) and return those it receives, keyed by owner, validated.
+    owner) and return those it receives, keyed by owner, validated (not decoded).
 
     Collective over ``group`` in the sense that every rank named in the plan must call it with the
     same plan; ranks not in it may skip it. Raises ValueError when ``outgoing`` lacks a part this
@@ -132,7 +122,7 @@ def exchange_parts(plan: Sequence[Transfer], outgoing: Mapping[int, OutgoingPart
         prefix = prefixes[t].cpu().numpy().tobytes()
         header, hollow = parse_prefix(prefix, shape[t][1], origin)
         verify_data(header, buffers[t], origin)
-        received[t.owner] = ReceivedPart(header, prefix, hollow, buffers[t])
+        received[t.owner] = RawPart(header, prefix, hollow, buffers[t])
     logger.debug("rank %d sent %d and received %d parts", rank, len(sends), len(recvs))
     return received
 

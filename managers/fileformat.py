@@ -433,7 +433,7 @@ def verify_part(path: Path) -> PartHeader:
 
 @dataclass
 class LoadedPart:
-    """A part read from disk: validated header, decoded hollow object and the data buffer."""
+    """A decoded part: validated header, hollow object and the data buffer."""
 
     header: PartHeader
     hollow: Any
@@ -453,16 +453,37 @@ def decode_hollow(raw: bytes | memoryview, where: str) -> Any:
         raise CorruptCheckpointError(f"{where}: hollow state dict cannot be decoded safely: {e}") from e
 
 
-def read_part(path: Path) -> LoadedPart:
+@dataclass
+class RawPart:
+    """A verified part as bytes, read from a file or received from a peer: its header, its prefix
+    (everything before the data section, to write or send as is), its hollow bytes and its data."""
+
+    header: PartHeader
+    prefix: bytes
+    hollow: bytes
+    buffer: torch.Tensor
+
+    def decode(self, where: str) -> LoadedPart:
+        """Decode the hollow state dict safely (CorruptCheckpointError naming ``where``)."""
+        return LoadedPart(self.header, decode_hollow(self.hollow, where), self.buffer)
+
+
+def read_raw_part(path: Path) -> RawPart:
     """Read a whole part, verifying every checksum, into a fresh aligned host buffer. Raises
     CorruptCheckpointError (or OSError). Not collective."""
     path = Path(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         header = read_header(path, fd)
-        hollow = decode_hollow(_read_hollow(fd, header, path), f"checkpoint file {path}")
+        prefix = _pread_exact(fd, header.data_offset, 0, path)
+        hollow = _check_hollow(prefix[header.hollow_offset :], header, path)
         buffer = device.empty_host(header.data_nbytes)
         _read_data(fd, header, path, _as_bytes(buffer))
     finally:
         os.close(fd)
-    return LoadedPart(header, hollow, buffer)
+    return RawPart(header, prefix, hollow, buffer)
+
+
+def read_part(path: Path) -> LoadedPart:
+    """:func:`read_raw_part` and decode the hollow state dict safely."""
+    return read_raw_part(path).decode(f"checkpoint file {path}")

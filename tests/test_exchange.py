@@ -12,7 +12,7 @@ from tasd import BasicTensorAwareStateDict
 from tasd.launch import RankFailure, run_ranks
 from tasd.managers import CorruptCheckpointError
 from tasd.managers.exchange import OutgoingPart, Transfer, exchange_parts, plan_retrieval
-from tasd.managers.fileformat import LoadedPart, PartMeta, decode_hollow, encode_prefix
+from tasd.managers.fileformat import PartMeta, encode_prefix
 from tasd.serialization import dumps
 from tasd.staging import HostBufferPool, stage
 from tests.test_basic_state_dict import assert_same
@@ -33,9 +33,9 @@ def outgoing_part(owner: int, world: int, n_tensors: int = 3) -> OutgoingPart:
 
 
 def as_state(received) -> dict:
-    sd = decode_hollow(received.hollow, "test")
-    sd.insert_tensors(LoadedPart(received.header, sd, received.buffer).tensors())
-    return sd.state_dict
+    part = received.decode("test")
+    part.hollow.insert_tensors(part.tensors())
+    return part.hollow.state_dict
 
 
 def ring_exchange(rank, world):

@@ -1,0 +1,14 @@
+"""Replication strategies: which ranks keep replicas of which rank's local checkpoint part.
+
+NVRx-compatible names; placement functions are pure, the exchange process group is collective
+(see :class:`ReplicationStrategy`).
+"""
+
+from tasd.managers.replication.clique import CliqueReplicationStrategy, LazyCliqueReplicationStrategy
+from tasd.managers.replication.groups import parse_group_sequence
+from tasd.managers.replication.ring import LazyRingReplicationStrategy, RingReplicationStrategy
+from tasd.managers.replication.strategy import NoReplicasAvailableError, ReplicationStrategy
+
+__all__ = ["CliqueReplicationStrategy", "LazyCliqueReplicationStrategy", "LazyRingReplicationStrategy",
+           "NoReplicasAvailableError", "ReplicationStrategy", "RingReplicationStrategy",
+           "parse_group_sequence"]
