@@ -1,9 +1,11 @@
 """BaseCheckpointManager: the collective save / find_latest / load protocol over abstract storage.
 
-Subclasses say where parts live (``_write_part``, ``_advertised_parts``, ``_read_part``,
-``_remove_part``, ``_cleanup``); this class decides when, and makes every rank agree: a failure on
-one rank becomes an error on every rank, and an iteration is published (older ones removed) only
-after every rank's part is durable.
+Subclasses say where parts live (the ``_write_*``, ``_read_*``, ``_advertised_parts``, ``_remove_*``
+and ``_cleanup`` hooks, all local operations); this class decides when, and makes every rank agree:
+a failure on one rank becomes an error on every rank, and an iteration is published (others
+removed) only after every rank's part and replicas are durable. With a replication strategy, each
+rank also stores its peers' parts (exchanged with :mod:`tasd.managers.exchange`), and load fetches
+a lost rank's part from a peer that holds it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tasd.managers import collectives
+from tasd.managers.config import ReplicationMismatchError
 from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
-from tasd.managers.fileformat import LoadedPart, PartMeta
+from tasd.managers.exchange import OutgoingPart, Transfer, exchange_parts, plan_retrieval
+from tasd.managers.fileformat import LoadedPart, PartMeta, RawPart, encode_prefix
+from tasd.managers.replication import NoReplicasAvailableError, ReplicationStrategy
 from tasd.serialization import dumps
 from tasd.staging import HostBufferPool, Staged, default_pool, stage
 from tasd.state_dict import TensorAwareStateDict
@@ -33,12 +38,21 @@ class SaveStats:
 
     iteration: int = -1
     stage_s: float = 0.0
+    exchange_s: float = 0.0
     write_s: float = 0.0
     finalize_s: float = 0.0
     total_s: float = 0.0
     tensor_bytes: int = 0
     file_bytes: int = 0
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Advertised:
+    """What one rank holds of one iteration: verified parts (owner ranks) and their settings."""
+
+    owners: list[int]
+    replication: dict | None
 
 
 def _raise_agreed(failures: dict[int, str], rank: int, local: BaseException | None, what: str) -> None:
@@ -55,49 +69,71 @@ def _raise_agreed(failures: dict[int, str], rank: int, local: BaseException | No
 
 
 class BaseCheckpointManager(ABC):
-    """Collective checkpoint protocol. All ranks of ``group`` call save, find_latest and load together."""
+    """Collective checkpoint protocol. All ranks of ``group`` call save, find_latest and load together.
 
-    def __init__(self, session_id: str = "", group: Any = None, pool: HostBufferPool | None = None):
+    ``repl_strategy`` (a ReplicationStrategy or None) decides which peers store each rank's part;
+    its world-size rule is checked here (ValueError). Every collective waits at most the process
+    group's timeout for a peer; a dead peer makes the others raise CheckpointingException.
+    """
+
+    def __init__(self, session_id: str = "", repl_strategy: ReplicationStrategy | None = None,
+                 group: Any = None, pool: HostBufferPool | None = None):
+        if repl_strategy is not None and not isinstance(repl_strategy, ReplicationStrategy):
+            raise TypeError(f"repl_strategy must be a ReplicationStrategy or None, got {type(repl_strategy).__name__}")
         self.session_id = session_id
         self.group = group
         self.rank, self.world_size = collectives.rank_and_size(group)
+        self.repl_strategy = repl_strategy
+        if repl_strategy is not None:
+            repl_strategy.check_world_size(self.world_size)
+        self.replication = None if repl_strategy is None else repl_strategy.settings
         self.pool = pool or default_pool()
         self.latest_iteration: int | None = None  # newest iteration every rank can load, once known
+        self._latest_holders: dict[int, list[int]] | None = None  # owner -> ranks holding its part
+        self._unrecoverable: tuple[int, list[int]] | None = None  # newest incomplete iteration, lost owners
         self.last_save = SaveStats()
 
     # -- storage, implemented by subclasses (local operations, never collective) ---------------
     @abstractmethod
     def _write_part(self, meta: PartMeta, hollow: bytes, staged: Staged) -> int:
-        """Durably store this rank's part; return its size in bytes."""
+        """Durably store this rank's own part; return its size in bytes."""
 
     @abstractmethod
-    def _advertised_parts(self) -> dict[int, list[int]]:
-        """Iteration -> owner ranks whose verified parts this rank holds for the current world size."""
+    def _write_raw_part(self, part: RawPart) -> int:
+        """Durably store a peer's part received as bytes; return its size in bytes."""
+
+    @abstractmethod
+    def _advertised_parts(self) -> dict[int, Advertised]:
+        """Iteration -> verified parts this rank holds for the current world size."""
 
     @abstractmethod
     def _read_part(self, iteration: int, owner: int) -> LoadedPart:
-        """Read and verify a part this rank holds."""
+        """Read, verify and decode a part this rank holds."""
 
     @abstractmethod
-    def _remove_part(self, iteration: int, owner: int) -> None:
-        """Remove a part (missing is fine)."""
+    def _read_raw_part(self, iteration: int, owner: int) -> RawPart:
+        """Read and verify a part this rank holds, as bytes (to send)."""
+
+    @abstractmethod
+    def _remove_iteration(self, iteration: int) -> None:
+        """Remove every part of ``iteration`` this rank holds (missing is fine)."""
 
     @abstractmethod
     def _cleanup(self, keep: int) -> None:
         """Remove every part of every iteration other than ``keep``; may finish in the background
         (see wait_for_cleanup)."""
 
+    @abstractmethod
+    def _newest_local_iteration(self) -> int:
+        """Newest iteration with a part of this rank on storage (-1 if none), unverified."""
+
     def wait_for_cleanup(self) -> None:
         """Wait until parts superseded by the last save are removed. Not collective; save,
         find_latest and load call it first."""
 
-    @abstractmethod
-    def _newest_local_iteration(self) -> int:
-        """Newest iteration with a complete part of this rank on storage (-1 if none), unverified."""
-
-    # -- the protocol --------------------------------------------------------------------------
+    # -- save ----------------------------------------------------------------------------------
     def _meta(self, iteration: int) -> PartMeta:
-        return PartMeta(iteration, self.rank, self.world_size, self.session_id, None)
+        return PartMeta(iteration, self.rank, self.world_size, self.session_id, self.replication)
 
     def _check_save_args(self, sd: Any, iteration: Any) -> None:
         if not isinstance(sd, TensorAwareStateDict):
@@ -126,14 +162,32 @@ class BaseCheckpointManager(ABC):
             sd.insert_tensors(tensors)
         return hollow, staged
 
+    def _replicate(self, meta: PartMeta, hollow: bytes, staged: Staged) -> list[RawPart]:
+        """Send this rank's part to its holders and receive the parts it holds for peers."""
+        strategy, rank, world = self.repl_strategy, self.rank, self.world_size
+        plan = ([Transfer(rank, rank, h) for h in strategy.holders(rank, world)]
+                + [Transfer(o, o, rank) for o in strategy.held_owners(rank, world)])
+        prefix = encode_prefix(meta, hollow, staged.layouts, staged.buffer)
+        received = exchange_parts(plan, {rank: OutgoingPart(prefix, staged.buffer)}, group=strategy.group)
+        for owner, part in received.items():
+            got = part.header.meta
+            if (got.iteration, got.owner_rank, got.world_size) != (meta.iteration, owner, meta.world_size):
+                raise CorruptCheckpointError(
+                    f"rank {rank} received a part of rank {got.owner_rank}, iteration {got.iteration}, world size "
+                    f"{got.world_size} where it expected rank {owner}, iteration {meta.iteration}")
+        return [received[o] for o in sorted(received)]
+
     def save(self, ta_state_dict: TensorAwareStateDict, iteration: int, is_async: bool = False) -> None:
-        """Save this rank's part of ``iteration``. Collective.
+        """Save this rank's part of ``iteration`` (and, with replication, the parts it holds for
+        peers). Collective.
 
         A point-in-time snapshot: ``ta_state_dict`` is left as it was, and changing its tensors after
         save returns does not change what was written. On success the iteration is published and
-        older ones are removed; on failure on any rank, every rank removes what it wrote for
-        ``iteration``, the previous checkpoint stays, and every rank raises (the failing rank its own
-        TypeError/ValueError/CheckpointingException, the others a CheckpointingException naming it).
+        every other iteration is removed (older ones, and newer ones left by an abandoned run), in
+        the background, off the training thread's critical path; on failure on any rank, every rank
+        removes what it wrote for ``iteration``, the previous checkpoint stays, and every rank
+        raises (the failing rank its own TypeError/ValueError/CheckpointingException, the others a
+        CheckpointingException naming it).
         """
         if is_async:
             raise ValueError("is_async=True is not supported yet: asynchronous saves are not implemented")
@@ -141,92 +195,173 @@ class BaseCheckpointManager(ABC):
         stats = SaveStats(iteration=iteration)
         t0 = time.perf_counter()
         error: BaseException | None = None
+        staged: Staged | None = None
         written = False
+        number = iteration if type(iteration) is int else -1
         try:
-            self._check_save_args(ta_state_dict, iteration)
-            hollow, staged = self._snapshot(ta_state_dict)
-            t1 = time.perf_counter()
-            stats.stage_s, stats.tensor_bytes = t1 - t0, staged.buffer.numel()
             try:
-                written = True
-                stats.file_bytes = self._write_part(self._meta(iteration), hollow, staged)
-            finally:
-                staged.release()
+                self._check_save_args(ta_state_dict, iteration)
+                hollow, staged = self._snapshot(ta_state_dict)
+                stats.stage_s, stats.tensor_bytes = time.perf_counter() - t0, staged.buffer.numel()
+            except Exception as e:
+                error = e
+            received: list[RawPart] = []
+            if self.repl_strategy is not None:
+                # Peers wait for this rank's part: agree that every rank has one before exchanging.
+                error, failures = self._agree(error, number, f"save of iteration {iteration}")
+                _raise_agreed(failures, self.rank, error, f"save of iteration {iteration}")
+                t1 = time.perf_counter()
+                try:
+                    received = self._replicate(self._meta(iteration), hollow, staged)
+                except Exception as e:
+                    error = e
+                stats.exchange_s = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            if error is None:
+                try:
+                    written = True
+                    stats.file_bytes = self._write_part(self._meta(iteration), hollow, staged)
+                    stats.file_bytes += sum(self._write_raw_part(part) for part in received)
+                except Exception as e:
+                    error = e
             stats.write_s = time.perf_counter() - t1
-        except Exception as e:
-            error = e
-            logger.debug("rank %d: save of iteration %s failed locally: %s", self.rank, iteration, e)
+        finally:
+            if staged is not None:
+                staged.release()
+        if error is not None:
+            logger.debug("rank %d: save of iteration %s failed locally: %s", self.rank, iteration, error)
         t2 = time.perf_counter()
-        error, failures = self._agree(error, iteration if type(iteration) is int else -1)
+        try:
+            error, failures = self._agree(error, number, f"save of iteration {iteration}")
+        except BaseException:
+            if written:
+                self._remove_iteration(iteration)
+            raise
         if failures:
             if written:
-                self._remove_part(iteration, self.rank)
+                self._remove_iteration(iteration)
             _raise_agreed(failures, self.rank, error, f"save of iteration {iteration}")
-        self.latest_iteration = iteration
+        self.latest_iteration, self._latest_holders, self._unrecoverable = iteration, None, None
         self._cleanup(keep=iteration)
         stats.finalize_s = time.perf_counter() - t2
         stats.total_s = time.perf_counter() - t0
         self.last_save = stats
-        logger.info("rank %d saved iteration %d: %d bytes, stage %.3fs write %.3fs finalize %.3fs",
-                    self.rank, iteration, stats.file_bytes, stats.stage_s, stats.write_s, stats.finalize_s)
+        logger.info("rank %d saved iteration %d: %d bytes, stage %.3fs exchange %.3fs write %.3fs finalize %.3fs",
+                    self.rank, iteration, stats.file_bytes, stats.stage_s, stats.exchange_s, stats.write_s,
+                    stats.finalize_s)
 
-    def _agree(self, error: BaseException | None, iteration: int) -> tuple[BaseException | None, dict[int, str]]:
+    def _agree(self, error: BaseException | None, iteration: int, what: str) -> tuple[BaseException | None, dict[int, str]]:
         """One all_reduce: did any rank fail, and did all ranks pass the same iteration? Returns the
-        local error (a mismatch becomes one on every rank) and the failures of all ranks."""
-        flag, hi, neg_lo = collectives.all_reduce_max([1 if error else 0, iteration, -iteration], self.group)
-        if error is None and hi != -neg_lo:
-            error = CheckpointingException(f"ranks passed different iterations ({-neg_lo} to {hi}); "
-                                           f"rank {self.rank} passed {iteration}")
-        if flag or hi != -neg_lo:
-            return error, collectives.gather_failures(error, self.group)
-        return error, {}
+        local error (a mismatch becomes one on every rank) and the failures of all ranks. A peer
+        that cannot be reached (dead, or timed out) raises CheckpointingException."""
+        try:
+            flag, hi, neg_lo = collectives.all_reduce_max([1 if error else 0, iteration, -iteration], self.group)
+            if error is None and hi != -neg_lo:
+                error = CheckpointingException(f"ranks passed different iterations ({-neg_lo} to {hi}); "
+                                               f"rank {self.rank} passed {iteration}")
+            if flag or hi != -neg_lo:
+                return error, collectives.gather_failures(error, self.group)
+            return error, {}
+        except Exception as e:
+            raise CheckpointingException(f"{what}: rank {self.rank} could not reach the other ranks "
+                                         f"(a peer died or timed out): {e}") from e
 
+    # -- find_latest ---------------------------------------------------------------------------
     def find_latest(self) -> int:
-        """Newest iteration every rank can load (-1 if none). Collective: two all_gathers of a small
-        JSON list, whatever the number of files. Parts that fail verification are skipped."""
+        """Newest iteration every rank can load (-1 if none): every owner rank's part verified on
+        at least one rank. Collective: two all_gathers of small JSON, whatever the number of
+        files. Parts that fail verification are skipped. Raises ReplicationMismatchError on every
+        rank when that iteration was saved with other replication settings."""
         self.wait_for_cleanup()
         error: BaseException | None = None
-        parts: dict[int, list[int]] = {}
+        parts: dict[int, Advertised] = {}
         try:
             parts = self._advertised_parts()
         except Exception as e:
             error = e
-        gathered = collectives.all_gather_json(
-            {"error": None if error is None else f"{type(error).__name__}: {error}",
-             "parts": {str(k): v for k, v in parts.items()}}, self.group)
-        failures = {r: g["error"] for r, g in enumerate(gathered) if g["error"]}
-        _raise_agreed(failures, self.rank, error, "find_latest")
-        holders: dict[int, set[int]] = {}
-        for g in gathered:
-            for it, owners in g["parts"].items():
-                holders.setdefault(int(it), set()).update(owners)
-        complete = [it for it, owners in holders.items() if owners >= set(range(self.world_size))]
-        self.latest_iteration = max(complete, default=-1)
-        logger.info("rank %d: latest complete iteration is %d", self.rank, self.latest_iteration)
-        return self.latest_iteration
-
-    def load(self) -> tuple[TensorAwareStateDict, CkptID]:
-        """Load this rank's part of the latest iteration (find_latest is called first if it has not
-        been). Collective. Raises CheckpointingException on every rank if any rank fails, and when
-        there is no checkpoint. May be called more than once."""
-        self.wait_for_cleanup()
-        if self.latest_iteration is None:
-            self.find_latest()
-        iteration = self.latest_iteration
-        if iteration is None or iteration < 0:
-            raise CheckpointingException(f"no checkpoint to load in session {self.session_id!r}")
-        error: BaseException | None = None
-        sd = None
+        mine = {"error": None if error is None else f"{type(error).__name__}: {error}",
+                "parts": {str(it): [a.owners, a.replication] for it, a in parts.items()}}
         try:
-            sd = self._load_part(iteration, self.rank)
+            gathered = collectives.all_gather_json(mine, self.group)
+        except Exception as e:
+            raise CheckpointingException(f"find_latest: rank {self.rank} could not reach the other ranks: {e}") from e
+        _raise_agreed({r: g["error"] for r, g in enumerate(gathered) if g["error"]}, self.rank, error, "find_latest")
+        holders: dict[int, dict[int, list[int]]] = {}
+        settings: dict[int, Any] = {}
+        for r, g in enumerate(gathered):
+            for it, (owners, repl) in g["parts"].items():
+                for owner in owners:
+                    holders.setdefault(int(it), {}).setdefault(owner, []).append(r)
+                settings.setdefault(int(it), repl)
+        everyone = set(range(self.world_size))
+        complete = [it for it, by_owner in holders.items() if set(by_owner) >= everyone]
+        latest = max(complete, default=-1)
+        incomplete = [it for it in holders if it > latest]
+        self._unrecoverable = None
+        if incomplete:
+            newest = max(incomplete)
+            self._unrecoverable = (newest, sorted(everyone - set(holders[newest])))
+            logger.warning("rank %d: iteration %d cannot be restored: no rank holds the part of rank(s) %s",
+                           self.rank, *self._unrecoverable)
+        if latest >= 0 and settings[latest] != self.replication:
+            raise ReplicationMismatchError(latest, settings[latest], self.replication)
+        self.latest_iteration = latest
+        self._latest_holders = holders.get(latest)
+        logger.info("rank %d: latest complete iteration is %d", self.rank, latest)
+        return latest
+
+    # -- load ----------------------------------------------------------------------------------
+    def load(self) -> tuple[TensorAwareStateDict, CkptID]:
+        """Load this rank's part of the latest iteration; a rank that lost it gets it from a peer
+        holding a replica (senders are spread so no rank serves many). Calls find_latest first
+        unless it ran since the last save. Collective. Raises on every rank if any rank fails:
+        NoReplicasAvailableError when some rank's part exists nowhere, CheckpointingException when
+        there is no checkpoint at all. May be called more than once."""
+        self.wait_for_cleanup()
+        if self._latest_holders is None:
+            self.find_latest()
+        iteration, holders = self.latest_iteration, self._latest_holders or {}
+        if iteration is None or iteration < 0:
+            if self._unrecoverable:
+                raise NoReplicasAvailableError(*self._unrecoverable)
+            raise CheckpointingException(f"no checkpoint to load in session {self.session_id!r}")
+        what = f"load of iteration {iteration}"
+        needs = {r: [r] for r in range(self.world_size) if r not in holders.get(r, ())}
+        plan = plan_retrieval(needs, holders)
+        error: BaseException | None = None
+        sd, outgoing = None, {}
+        try:
+            if self.rank not in needs:
+                sd = self._load_part(iteration, self._read_part(iteration, self.rank))
+            outgoing = {t.owner: self._outgoing(iteration, t.owner) for t in plan if t.src == self.rank}
         except Exception as e:
             error = e
-        error, failures = self._agree(error, iteration)
-        _raise_agreed(failures, self.rank, error, f"load of iteration {iteration}")
+        if plan:
+            # Receivers wait for their senders: agree that every sender read its parts first.
+            error, failures = self._agree(error, iteration, what)
+            _raise_agreed(failures, self.rank, error, what)
+            try:
+                received = exchange_parts(plan, outgoing, group=self.repl_strategy.group)
+                if self.rank in needs:
+                    sd = self._load_part(iteration, received[self.rank].decode(
+                        f"part of rank {self.rank} received for iteration {iteration}"))
+            except Exception as e:
+                error = e
+        if sd is None and error is None:
+            error = NoReplicasAvailableError(iteration, [self.rank])
+        error, failures = self._agree(error, iteration, what)
+        _raise_agreed(failures, self.rank, error, what)
+        if plan:
+            logger.info("rank %d: iteration %d restored with %d part(s) fetched from peers: %s",
+                        self.rank, iteration, len(plan), [(t.owner, t.src) for t in plan])
         return sd, (iteration, self.rank, self.session_id)
 
-    def _load_part(self, iteration: int, owner: int) -> TensorAwareStateDict:
-        part = self._read_part(iteration, owner)
+    def _outgoing(self, iteration: int, owner: int) -> OutgoingPart:
+        raw = self._read_raw_part(iteration, owner)
+        return OutgoingPart(raw.prefix, raw.buffer)
+
+    def _load_part(self, iteration: int, part: LoadedPart) -> TensorAwareStateDict:
+        owner = part.header.meta.owner_rank
         sd = part.hollow
         if not isinstance(sd, TensorAwareStateDict) or not sd.is_hollow:
             raise CorruptCheckpointError(f"part of rank {owner} at iteration {iteration} does not hold a hollow "

@@ -13,10 +13,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tasd.managers.base_manager import BaseCheckpointManager
+from tasd.managers.base_manager import Advertised, BaseCheckpointManager
 from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
-from tasd.managers.fileformat import (DIRTY_SUFFIX, LoadedPart, PartMeta, read_part, verify_part,
-                                      write_part)
+from tasd.managers.fileformat import (DIRTY_SUFFIX, LoadedPart, PartMeta, RawPart, read_part, read_raw_part,
+                                      verify_part, write_encoded, write_part)
 from tasd.staging import HostBufferPool, Staged
 
 logger = logging.getLogger(__name__)
@@ -48,9 +48,10 @@ def _unlink_all(paths: list[Path]) -> None:
 class LocalCheckpointManager(BaseCheckpointManager):
     """Local checkpoints with NVRx semantics (see BaseCheckpointManager for the collective protocol).
 
-    Options: ``group`` (process group, default the world), ``pool`` (a HostBufferPool for staging,
-    default the process-wide one), ``direct_io`` (write the bulk with O_DIRECT where supported,
-    default True). Unknown options raise TypeError. ``repl_strategy`` must be None for now.
+    ``repl_strategy``: a tasd.managers.replication strategy (each rank then also stores its peers'
+    parts, files named by their owner rank) or None. Options: ``group`` (process group, default the
+    world), ``pool`` (a HostBufferPool for staging, default the process-wide one), ``direct_io``
+    (write the bulk with O_DIRECT where supported, default True). Unknown options raise TypeError.
     """
 
     def __init__(self, root_local_ckpt_dir: str | os.PathLike, session_id: str = "",
@@ -58,14 +59,13 @@ class LocalCheckpointManager(BaseCheckpointManager):
                  direct_io: bool = True, **options: Any):
         if options:
             raise TypeError(f"unknown LocalCheckpointManager option(s): {', '.join(sorted(options))}")
-        if repl_strategy is not None:
-            raise ValueError("replication strategies are not supported yet: pass repl_strategy=None")
-        super().__init__(check_session_id(session_id), group=group, pool=pool)
+        super().__init__(check_session_id(session_id), repl_strategy=repl_strategy, group=group, pool=pool)
         self.root = Path(root_local_ckpt_dir)
         self.local_ckpt_dir = self.root / session_id / str(self.rank)
         self.direct_io = direct_io
-        # Parts this process wrote or fully verified, with the file identity they had then.
-        self._verified: dict[Path, tuple[int, int, int]] = {}
+        # Parts this process wrote or fully verified: the file identity they had then, and the
+        # replication settings in their header.
+        self._verified: dict[Path, tuple[tuple[int, int, int], dict | None]] = {}
         # The newest own part, read whole while find_latest verified it, kept for the next load so
         # that a restart reads it once: (path, identity, part).
         self._prefetched: tuple[Path, tuple[int, int, int], LoadedPart] | None = None
@@ -107,7 +107,17 @@ class LocalCheckpointManager(BaseCheckpointManager):
             size = write_part(path, meta, hollow, staged.buffer, staged.layouts, direct_io=self.direct_io)
         except OSError as e:
             raise CheckpointingException(f"rank {self.rank} could not write {path}: {e}") from e
-        self._verified[path] = self._identity(path)
+        self._verified[path] = (self._identity(path), self.replication)
+        return size
+
+    def _write_raw_part(self, part: RawPart) -> int:
+        meta = part.header.meta
+        path = self._path(meta.iteration, meta.owner_rank)
+        try:
+            size = write_encoded(path, len(part.prefix), part.buffer, part.prefix, direct_io=self.direct_io)
+        except OSError as e:
+            raise CheckpointingException(f"rank {self.rank} could not write {path}: {e}") from e
+        self._verified[path] = (self._identity(path), meta.replication)
         return size
 
     def _is_unchanged(self, path: Path, identity: tuple[int, int, int] | None) -> bool:
@@ -117,10 +127,11 @@ class LocalCheckpointManager(BaseCheckpointManager):
             return False
 
     def _is_verified(self, path: Path) -> bool:
-        return self._is_unchanged(path, self._verified.get(path))
+        known = self._verified.get(path)
+        return known is not None and self._is_unchanged(path, known[0])
 
-    def _advertised_parts(self) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
+    def _advertised_parts(self) -> dict[int, Advertised]:
+        out: dict[int, Advertised] = {}
         self._prefetched = None
         for (iteration, owner), path in sorted(self._scan().items(), reverse=True):
             if not self._is_verified(path):
@@ -143,8 +154,8 @@ class LocalCheckpointManager(BaseCheckpointManager):
                     logger.warning("rank %d skips %s: saved with world size %d, now %d",
                                    self.rank, path, meta.world_size, self.world_size)
                     continue
-                self._verified[path] = self._identity(path)
-            out.setdefault(iteration, []).append(owner)
+                self._verified[path] = (self._identity(path), meta.replication)
+            out.setdefault(iteration, Advertised([], self._verified[path][1])).owners.append(owner)
         return out
 
     def find_latest(self) -> int:
@@ -163,11 +174,18 @@ class LocalCheckpointManager(BaseCheckpointManager):
         except OSError as e:
             raise CheckpointingException(f"rank {self.rank} could not read {path}: {e}") from e
 
-    def _remove_part(self, iteration: int, owner: int) -> None:
+    def _read_raw_part(self, iteration: int, owner: int) -> RawPart:
         path = self._path(iteration, owner)
-        path.unlink(missing_ok=True)
-        Path(str(path) + DIRTY_SUFFIX).unlink(missing_ok=True)
-        self._verified.pop(path, None)
+        try:
+            return read_raw_part(path)
+        except OSError as e:
+            raise CheckpointingException(f"rank {self.rank} could not read {path}: {e}") from e
+
+    def _remove_iteration(self, iteration: int) -> None:
+        for (it, _), path in self._scan().items():
+            if it == iteration:
+                path.unlink(missing_ok=True)
+                self._verified.pop(path, None)
 
     def _cleanup(self, keep: int) -> None:
         doomed = [path for (iteration, _), path in self._scan().items() if iteration != keep]

@@ -1,0 +1,183 @@
+"""LocalCheckpointManager with replication, on real ranks; deleting a rank's directory is losing
+that node."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasd import BasicTensorAwareStateDict
+from tasd.launch import RankFailure, run_ranks
+from tasd.managers import (CheckpointingException, LocalCheckpointManager, NoReplicasAvailableError,
+                           ReplicationConfig, ReplicationMismatchError)
+from tasd.managers import fileformat
+from tests.test_basic_state_dict import assert_same
+
+SESSION = "repl"
+
+
+def state(rank: int, step: int) -> dict:
+    g = torch.Generator().manual_seed(rank * 1000 + step)
+    return {"w": torch.randn(3000, generator=g), "layers": [torch.randn(17, 5, generator=g).to(torch.bfloat16)],
+            "step": step, "rank": rank}
+
+
+def manager(root, strategy):
+    repl = None if strategy is None else ReplicationConfig(**strategy).build()
+    return LocalCheckpointManager(root, SESSION, repl)
+
+
+def files(root: Path, rank: int) -> list[str]:
+    d = root / SESSION / str(rank)
+    return sorted(os.listdir(d)) if d.exists() else []
+
+
+def save_steps(rank, world, root, strategy, steps):
+    m = manager(root, strategy)
+    for step in steps:
+        m.save(BasicTensorAwareStateDict(state(rank, step)), step)
+    m.wait_for_cleanup()
+    return files(Path(root), rank), m.repl_strategy.held_owners(rank, world) if m.repl_strategy else []
+
+
+def restore(rank, world, root, strategy):
+    m = manager(root, strategy)
+    latest = m.find_latest()
+    sd, ckpt_id = m.load()
+    assert ckpt_id == (latest, rank, SESSION)
+    assert_same(sd.state_dict, state(rank, latest))
+    return latest
+
+
+SETTINGS = [  # (world size, strategy settings, how many nodes may be lost at once)
+    (3, {"strategy": "ring", "replication_jump": 1, "replication_factor": 2}, 1),
+    (4, {"strategy": "ring", "replication_jump": 2, "replication_factor": 2}, 1),
+    (3, {"strategy": "ring", "replication_jump": 1, "replication_factor": 3}, 2),
+    (4, {"strategy": "clique", "replication_jump": 1, "replication_factor": 2}, 1),
+    (4, {"strategy": "clique", "replication_jump": 2, "replication_factor": 2}, 1),
+]
+
+
+@pytest.mark.parametrize("world, strategy, tolerated", SETTINGS, ids=lambda v: str(v))
+def test_every_tolerable_node_loss_is_recovered_bit_exactly(tmp_path, world, strategy, tolerated):
+    saved = run_ranks(save_steps, world, tmp_path, strategy, [1, 2], timeout_s=120)
+    for rank, (names, held) in enumerate(saved):
+        assert names == sorted(f"iter_0000002_{o}_local.tasd" for o in [rank] + held), \
+            "each rank keeps its own part and its peers' parts of the newest iteration only"
+        assert len(held) == strategy["replication_factor"] - 1
+    pristine = tmp_path.with_name(tmp_path.name + "-pristine")
+    shutil.copytree(tmp_path, pristine)
+    losses = [[r] for r in range(world)] + ([[0, 1]] if tolerated >= 2 else [])
+    for lost in losses:
+        shutil.rmtree(tmp_path)
+        shutil.copytree(pristine, tmp_path)
+        for r in lost:
+            shutil.rmtree(tmp_path / SESSION / str(r))  # the node and its local disk are gone
+        assert run_ranks(restore, world, tmp_path, strategy, timeout_s=120) == [2] * world, f"lost {lost}"
+
+
+def find_then_load(rank, world, root, strategy):
+    m = manager(root, strategy)
+    latest = m.find_latest()
+    try:
+        m.load()
+    except CheckpointingException as e:
+        return latest, type(e).__name__, str(e)
+    return latest, None, None
+
+
+def test_loss_beyond_the_factor_falls_back_or_fails_clearly(tmp_path):
+    strategy = {"strategy": "ring", "replication_jump": 1, "replication_factor": 2}
+    run_ranks(save_steps, 3, tmp_path, strategy, [1])
+    old = {p: p.read_bytes() for p in (tmp_path / SESSION).rglob("*.tasd")}
+    run_ranks(save_steps, 3, tmp_path, strategy, [2])
+    for p, data in old.items():  # iteration 1 still on disk, as if its cleanup had not run yet
+        p.write_bytes(data)
+    # ring factor 2: rank 1 holds rank 0's replica; losing nodes 0 and 1 loses rank 0's part of 2
+    (tmp_path / SESSION / "0" / "iter_0000002_0_local.tasd").unlink()
+    (tmp_path / SESSION / "1" / "iter_0000002_0_local.tasd").unlink()
+    assert [r[0] for r in run_ranks(find_then_load, 3, tmp_path, strategy)] == [1, 1, 1], "falls back to 1"
+    for p in old:
+        p.unlink()
+    for latest, kind, message in run_ranks(find_then_load, 3, tmp_path, strategy):
+        assert latest == -1 and kind == "NoReplicasAvailableError"
+        assert "iteration 2" in message and "rank 0" in message
+
+
+def test_corrupt_replica_is_skipped_for_a_good_copy(tmp_path):
+    strategy = {"strategy": "ring", "replication_jump": 1, "replication_factor": 3}  # 3 copies of each
+    run_ranks(save_steps, 3, tmp_path, strategy, [5])
+    shutil.rmtree(tmp_path / SESSION / "0")
+    victim = tmp_path / SESSION / "1" / "iter_0000005_0_local.tasd"
+    header = fileformat.read_header(victim)
+    with open(victim, "r+b") as f:
+        f.seek(header.data_offset + 10)
+        f.write(b"\xff\xff")
+    assert run_ranks(restore, 3, tmp_path, strategy) == [5, 5, 5]
+
+
+def expect_mismatch(rank, world, root, strategy):
+    with pytest.raises(ReplicationMismatchError) as info:
+        manager(root, strategy).find_latest()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("loaded_with", [
+    {"strategy": "clique", "replication_jump": 1, "replication_factor": 2},
+    {"strategy": "ring", "replication_jump": 1, "replication_factor": 4},
+    {"strategy": "ring", "replication_jump": 3, "replication_factor": 2},
+    None,
+])
+def test_mismatched_settings_raise_on_every_rank(tmp_path, loaded_with):
+    saved_with = {"strategy": "ring", "replication_jump": 1, "replication_factor": 2}
+    run_ranks(save_steps, 4, tmp_path, saved_with, [3])
+    for message in run_ranks(expect_mismatch, 4, tmp_path, loaded_with):
+        assert "iteration 3" in message and "ring, factor 2, jump 1" in message
+        assert (ReplicationConfig(**loaded_with).describe() if loaded_with else "no replication") in message
+
+
+def failing_replicated_save(rank, world, root, strategy):
+    m = manager(root, strategy)
+    m.save(BasicTensorAwareStateDict(state(rank, 1)), 1)
+    bad = state(rank, 2)
+    if rank == 2:
+        bad["opaque"] = type("Opaque", (), {})()
+        bad["opaque"].t = torch.ones(1)
+    try:
+        m.save(BasicTensorAwareStateDict(bad), 2)
+    except (TypeError, CheckpointingException) as e:
+        error = str(e)
+    else:
+        error = None
+    return error, files(Path(root), rank)
+
+
+def test_failed_replicated_save_keeps_the_previous_checkpoint_everywhere(tmp_path):
+    strategy = {"strategy": "ring", "replication_jump": 1, "replication_factor": 2}
+    out = run_ranks(failing_replicated_save, 3, tmp_path, strategy)
+    for rank, (error, names) in enumerate(out):
+        assert error and "opaque" in error
+        assert all(n.startswith("iter_0000001_") for n in names) and len(names) == 2
+    assert run_ranks(restore, 3, tmp_path, strategy) == [1, 1, 1]
+
+
+def dies_in_save(rank, world, root, strategy):
+    m = manager(root, strategy)
+    m.save(BasicTensorAwareStateDict(state(rank, 1)), 1)
+    if rank == 1:
+        os._exit(9)  # the node dies before the next save's exchange
+    m.save(BasicTensorAwareStateDict(state(rank, 2)), 2)
+
+
+def test_dead_peer_during_replicated_save_is_an_error_not_a_hang(tmp_path):
+    strategy = {"strategy": "ring", "replication_jump": 1, "replication_factor": 2}
+    with pytest.raises(RankFailure) as info:
+        run_ranks(dies_in_save, 3, tmp_path, strategy, collective_timeout_s=5, timeout_s=60)
+    assert "exit code 9" in info.value.failures[1]
+    for r in (0, 2):
+        assert "was killed" not in info.value.failures[r] and "CheckpointingException" in info.value.failures[r]
+    assert run_ranks(restore, 3, tmp_path, strategy) == [1, 1, 1]
