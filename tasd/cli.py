@@ -30,16 +30,29 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=_positive_int, default=4, help="steps between checkpoints (default: 4)")
     p.add_argument("--dir", default=None, help="checkpoint root (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints after a successful run")
+    p.add_argument("--replication", choices=("ring", "clique", "none"), default="ring",
+                   help="replication strategy (default: ring)")
+    p.add_argument("--replication-factor", type=_positive_int, default=2, help="copies of each part (default: 2)")
+    p.add_argument("--replication-jump", type=_positive_int, default=1, help="rank distance between copies (default: 1)")
+    p.add_argument("--lose-rank", type=int, default=None,
+                   help="rank whose node is lost before the restart (default: the last rank, with replication)")
+    p.add_argument("--no-node-loss", action="store_true", help="restart without losing a node")
     p.set_defaults(handler=_run_demo, parser=p)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from tasd.demo import run_demo
+    from tasd.managers import ReplicationConfig
 
     if args.steps < args.save_every:
         args.parser.error(f"--steps ({args.steps}) must be at least --save-every ({args.save_every})")
-    return run_demo(ranks=args.ranks, steps=args.steps, save_every=args.save_every,
-                    directory=args.dir, keep=args.keep)
+    replication = None
+    if args.replication != "none" and args.ranks > 1:
+        replication = ReplicationConfig(strategy=args.replication, replication_factor=args.replication_factor,
+                                        replication_jump=args.replication_jump)
+    return run_demo(ranks=args.ranks, steps=args.steps, save_every=args.save_every, directory=args.dir,
+                    keep=args.keep, replication=replication,
+                    lose_rank=None if args.no_node_loss else (-1 if args.lose_rank is None else args.lose_rank))
 
 
 _SUBCOMMANDS = (_add_demo,)

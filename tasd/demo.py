@@ -33,7 +33,7 @@ from rich.table import Table
 
 from tasd.basic import BasicTensorAwareStateDict
 from tasd.launch import RankFailure, run_ranks
-from tasd.managers import LocalCheckpointManager
+from tasd.managers import LocalCheckpointManager, ReplicationConfig
 
 SESSION = "demo"
 LOST_STEPS = 2  # steps trained after the last checkpoint, lost in the "crash"
@@ -83,11 +83,17 @@ def _mismatches(got: Any, want: Any, path: str = "") -> list[str]:
     return [] if got == want else [path or "<root>"]
 
 
-def train_phase(rank: int, world_size: int, root: str, steps: int, save_every: int) -> dict:
+def _manager(root: str, replication: dict | None) -> LocalCheckpointManager:
+    strategy = None if replication is None else ReplicationConfig(**replication).build()
+    return LocalCheckpointManager(root, session_id=SESSION, repl_strategy=strategy)
+
+
+def train_phase(rank: int, world_size: int, root: str, steps: int, save_every: int,
+                replication: dict | None) -> dict:
     """Phase 1 on one rank: train ``steps + LOST_STEPS`` steps, saving every ``save_every``."""
     torch.set_num_threads(1)
     model, opt = _build()
-    manager = LocalCheckpointManager(root, session_id=SESSION)
+    manager = _manager(root, replication)
     saves, at_ckpt = [], None
     for step in range(1, steps + LOST_STEPS + 1):
         _train_step(model, opt, step, rank)
@@ -105,13 +111,14 @@ def train_phase(rank: int, world_size: int, root: str, steps: int, save_every: i
             "ckpt_dir": str(manager.local_ckpt_dir)}
 
 
-def restart_phase(rank: int, world_size: int, root: str, expected: list[dict]) -> dict:
-    """Phase 2 on one rank: find, load, verify, redo the lost steps, verify again.
-    ``expected`` is phase 1's result list (indexed by rank)."""
+def restart_phase(rank: int, world_size: int, root: str, expected: list[dict], replication: dict | None) -> dict:
+    """Phase 2 on one rank: find, load (a rank whose node was lost gets its part from a peer),
+    verify, redo the lost steps, verify again. ``expected`` is phase 1's result list (by rank)."""
     torch.set_num_threads(1)
     at_ckpt, final = expected[rank]["at_ckpt"], expected[rank]["final"]
     model, opt = _build()
-    manager = LocalCheckpointManager(root, session_id=SESSION)
+    manager = _manager(root, replication)
+    from_peer = not manager.local_ckpt_dir.exists()
     t0 = time.perf_counter()
     found = manager.find_latest()
     t1 = time.perf_counter()
@@ -132,57 +139,77 @@ def restart_phase(rank: int, world_size: int, root: str, expected: list[dict]) -
         _train_step(model, opt, step, rank)
     resumed = _snapshot(model, opt, final["iteration"])
     problems += [f"after resuming, {p} differs from phase 1" for p in _mismatches(resumed, final)]
-    return {"rank": rank, "found": found, "find_s": t1 - t0, "load_s": t2 - t1,
+    return {"rank": rank, "found": found, "find_s": t1 - t0, "load_s": t2 - t1, "from_peer": from_peer,
             "verified": not problems, "problems": problems}
 
 
 def _train_table(results: list[dict]) -> Table:
     t = Table(title="phase 1: train and save")
-    for col in ("rank", "saved iterations", "bytes/ckpt", "save s (mean)", "save s (max)"):
+    for col in ("rank", "saved iterations", "bytes/ckpt (own + replicas)", "save s (mean)", "exchange s (mean)",
+                "save s (max)"):
         t.add_column(col, justify="left" if col == "saved iterations" else "right")
     for r in results:
         s = r["saves"]
         totals = [x["total_s"] for x in s] or [0.0]
         t.add_row(str(r["rank"]), ", ".join(str(x["iteration"]) for x in s) or "-",
                   f"{s[-1]['file_bytes']:,}" if s else "-",
-                  f"{sum(totals) / len(totals):.4f}", f"{max(totals):.4f}")
+                  f"{sum(totals) / len(totals):.4f}",
+                  f"{sum(x['exchange_s'] for x in s) / max(1, len(s)):.4f}", f"{max(totals):.4f}")
     return t
 
 
 def _restart_table(results: list[dict]) -> Table:
     t = Table(title="phase 2: restart, load and resume")
-    for col in ("rank", "found iteration", "find_latest s", "load s", "verified"):
+    for col in ("rank", "found iteration", "find_latest s", "load s", "part came from", "verified"):
         t.add_column(col, justify="right")
     for r in results:
         t.add_row(str(r["rank"]), str(r["found"]), f"{r['find_s']:.4f}", f"{r['load_s']:.4f}",
+                  "[yellow]a peer[/]" if r["from_peer"] else "local disk",
                   "[green]yes[/]" if r["verified"] else "[red]NO[/]")
     return t
 
 
 def run_demo(ranks: int = 4, steps: int = 12, save_every: int = 4, directory: str | None = None,
-             keep: bool = False, console: Console | None = None) -> int:
-    """Run both phases and print the report; 0 on success, 1 on failure. Checkpoints are removed
-    afterwards unless ``keep`` or the run failed."""
+             keep: bool = False, replication: ReplicationConfig | None = ReplicationConfig(),
+             lose_rank: int | None = -1, console: Console | None = None) -> int:
+    """Run both phases and print the report; 0 on success, 1 on failure. Between the phases the
+    node of ``lose_rank`` is lost (its directory deleted; -1: the last rank, None: no loss).
+    Checkpoints are removed afterwards unless ``keep`` or the run failed."""
     console = console or Console()
     if ranks < 1 or save_every < 1 or steps < save_every:
         console.print("[red]demo needs ranks >= 1 and steps >= save-every >= 1[/]")
         return 1
+    if lose_rank == -1:
+        lose_rank = ranks - 1 if replication is not None else None
+    try:
+        if replication is not None:
+            replication.check_world_size(ranks)
+        if lose_rank is not None and not 0 <= lose_rank < ranks:
+            raise ValueError(f"--lose-rank {lose_rank} is not a rank of {ranks}")
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        return 1
+    settings = None if replication is None else replication.settings
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="tasd-demo-"))
     session_dir = root / SESSION
     if session_dir.exists() and any(session_dir.iterdir()):
         console.print(f"[red]{session_dir} already holds files: remove it or choose another --dir[/]")
         return 1
     console.print(f"tasd demo: {ranks} ranks (gloo, CPU), {steps} steps (+{LOST_STEPS} lost), "
-                  f"checkpoint every {save_every} steps, in {session_dir}")
+                  f"checkpoint every {save_every} steps, replication: "
+                  f"{replication.describe() if replication else 'none'}, in {session_dir}")
     ok = False
     try:
         t0 = time.perf_counter()
-        trained = run_ranks(train_phase, ranks, str(root), steps, save_every)
+        trained = run_ranks(train_phase, ranks, str(root), steps, save_every, settings)
         console.print(_train_table(trained))
         console.print(f"phase 1 took {time.perf_counter() - t0:.1f}s; the job now \"crashes\": "
                       f"steps after iteration {trained[0]['saves'][-1]['iteration']} are lost")
+        if lose_rank is not None:
+            shutil.rmtree(session_dir / str(lose_rank))
+            console.print(f"[yellow]node of rank {lose_rank} lost[/]: deleted its local disk {session_dir / str(lose_rank)}")
         t0 = time.perf_counter()
-        restarted = run_ranks(restart_phase, ranks, str(root), trained)
+        restarted = run_ranks(restart_phase, ranks, str(root), trained, settings)
         console.print(_restart_table(restarted))
         console.print(f"phase 2 took {time.perf_counter() - t0:.1f}s")
         for r in restarted:
@@ -190,8 +217,9 @@ def run_demo(ranks: int = 4, steps: int = 12, save_every: int = 4, directory: st
                 console.print(f"[red]rank {r['rank']}: {p}[/]")
         ok = all(r["verified"] for r in restarted)
         if ok:
+            lost = f" (rank {lose_rank}'s part recovered from a peer)" if lose_rank is not None else ""
             console.print(f"[bold green]demo OK[/]: restored iteration {restarted[0]['found']} on {ranks} "
-                          f"rank{'s' if ranks > 1 else ''}, model and optimizer equal to the saved ones, "
+                          f"rank{'s' if ranks > 1 else ''}{lost}, model and optimizer equal to the saved ones, "
                           "resumed training matches")
         else:
             console.print("[bold red]demo FAILED[/]: the restored or resumed state differs (see above)")
