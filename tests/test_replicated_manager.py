@@ -54,6 +54,7 @@ def restore(rank, world, root, strategy):
 
 
 SETTINGS = [  # (world size, strategy settings, how many nodes may be lost at once)
+    (2, {"strategy": "clique", "replication_jump": 1, "replication_factor": 2}, 1),
     (3, {"strategy": "ring", "replication_jump": 1, "replication_factor": 2}, 1),
     (4, {"strategy": "ring", "replication_jump": 2, "replication_factor": 2}, 1),
     (3, {"strategy": "ring", "replication_jump": 1, "replication_factor": 3}, 2),
