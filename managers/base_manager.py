@@ -99,8 +99,9 @@ class BaseCheckpointManager(ABC):
         """Durably store this rank's own part; return its size in bytes."""
 
     @abstractmethod
-    def _write_raw_part(self, part: RawPart) -> int:
-        """Durably store a peer's part received as bytes; return its size in bytes."""
+    def _write_encoded(self, meta: PartMeta, prefix: bytes, buffer: Any) -> int:
+        """Durably store an encoded part (this rank's own, or a peer's received as bytes) given its
+        prefix and data buffer; return its size in bytes."""
 
     @abstractmethod
     def _advertised_parts(self) -> dict[int, Advertised]:
@@ -162,20 +163,24 @@ class BaseCheckpointManager(ABC):
             sd.insert_tensors(tensors)
         return hollow, staged
 
-    def _replicate(self, meta: PartMeta, hollow: bytes, staged: Staged) -> list[RawPart]:
-        """Send this rank's part to its holders and receive the parts it holds for peers."""
+    def _replicate(self, meta: PartMeta, prefix: bytes, staged: Staged) -> list[RawPart]:
+        """Send this rank's part to its holders and receive the parts it holds for peers, into
+        buffers of the staging pool (the caller releases them)."""
         strategy, rank, world = self.repl_strategy, self.rank, self.world_size
         plan = ([Transfer(rank, rank, h) for h in strategy.holders(rank, world)]
                 + [Transfer(o, o, rank) for o in strategy.held_owners(rank, world)])
-        prefix = encode_prefix(meta, hollow, staged.layouts, staged.buffer)
-        received = exchange_parts(plan, {rank: OutgoingPart(prefix, staged.buffer)}, group=strategy.group)
-        for owner, part in received.items():
+        received = exchange_parts(plan, {rank: OutgoingPart(prefix, staged.buffer)}, group=strategy.group,
+                                  pool=self.pool)
+        parts = [received[o] for o in sorted(received)]
+        for owner, part in zip(sorted(received), parts):
             got = part.header.meta
             if (got.iteration, got.owner_rank, got.world_size) != (meta.iteration, owner, meta.world_size):
+                for p in parts:
+                    self.pool.release(p.buffer)
                 raise CorruptCheckpointError(
                     f"rank {rank} received a part of rank {got.owner_rank}, iteration {got.iteration}, world size "
                     f"{got.world_size} where it expected rank {owner}, iteration {meta.iteration}")
-        return [received[o] for o in sorted(received)]
+        return parts
 
     def save(self, ta_state_dict: TensorAwareStateDict, iteration: int, is_async: bool = False) -> None:
         """Save this rank's part of ``iteration`` (and, with replication, the parts it holds for
@@ -196,23 +201,27 @@ class BaseCheckpointManager(ABC):
         t0 = time.perf_counter()
         error: BaseException | None = None
         staged: Staged | None = None
+        received: list[RawPart] = []
         written = False
         number = iteration if type(iteration) is int else -1
         try:
             try:
                 self._check_save_args(ta_state_dict, iteration)
+                meta = self._meta(iteration)
                 hollow, staged = self._snapshot(ta_state_dict)
+                # With replication the part is encoded once: sent as is, and written as is.
+                prefix = None if self.repl_strategy is None else encode_prefix(meta, hollow, staged.layouts,
+                                                                               staged.buffer)
                 stats.stage_s, stats.tensor_bytes = time.perf_counter() - t0, staged.buffer.numel()
             except Exception as e:
                 error = e
-            received: list[RawPart] = []
             if self.repl_strategy is not None:
                 # Peers wait for this rank's part: agree that every rank has one before exchanging.
                 error, failures = self._agree(error, number, f"save of iteration {iteration}")
                 _raise_agreed(failures, self.rank, error, f"save of iteration {iteration}")
                 t1 = time.perf_counter()
                 try:
-                    received = self._replicate(self._meta(iteration), hollow, staged)
+                    received = self._replicate(meta, prefix, staged)
                 except Exception as e:
                     error = e
                 stats.exchange_s = time.perf_counter() - t1
@@ -220,14 +229,17 @@ class BaseCheckpointManager(ABC):
             if error is None:
                 try:
                     written = True
-                    stats.file_bytes = self._write_part(self._meta(iteration), hollow, staged)
-                    stats.file_bytes += sum(self._write_raw_part(part) for part in received)
+                    stats.file_bytes = (self._write_part(meta, hollow, staged) if prefix is None
+                                        else self._write_encoded(meta, prefix, staged.buffer))
+                    stats.file_bytes += sum(self._write_encoded(p.header.meta, p.prefix, p.buffer) for p in received)
                 except Exception as e:
                     error = e
             stats.write_s = time.perf_counter() - t1
         finally:
             if staged is not None:
                 staged.release()
+            for part in received:
+                self.pool.release(part.buffer)
         if error is not None:
             logger.debug("rank %d: save of iteration %s failed locally: %s", self.rank, iteration, error)
         t2 = time.perf_counter()

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from tasd import device
+from tasd.staging import HostBufferPool
 from tasd.managers import collectives
 from tasd.managers.fileformat import RawPart, parse_prefix, verify_data
 
@@ -59,9 +60,12 @@ def _run(ops: list[dist.P2POp]) -> None:
 
 
 def exchange_parts(plan: Sequence[Transfer], outgoing: Mapping[int, OutgoingPart], group: Any = None,
-                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[int, RawPart]:
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, pool: HostBufferPool | None = None) -> dict[int, RawPart]:
     """Execute ``plan``: send the parts this rank is the source of (from ``outgoing``, keyed by
     owner) and return those it receives, keyed by owner, validated (not decoded).
+
+    Received data lands in fresh host memory, or in buffers acquired from ``pool`` (reused across
+    saves): the caller then releases them; on error they are released here.
 
     Collective over ``group`` in the sense that every rank named in the plan must call it with the
     same plan; ranks not in it may skip it. Raises ValueError when ``outgoing`` lacks a part this
@@ -94,35 +98,40 @@ def exchange_parts(plan: Sequence[Transfer], outgoing: Mapping[int, OutgoingPart
     ops += [dist.P2POp(dist.irecv, prefixes[t], t.src, group, _tag(t.owner, 1)) for t in recvs]
     _run(ops)
 
-    # 3. data sections, in rounds of at most one chunk per transfer
-    buffers = {t: device.empty_host(shape[t][1]) for t in recvs}
-    longest = max([outgoing[t.owner].buffer.numel() for t in sends] + [shape[t][1] for t in recvs], default=0)
-    for start in range(0, longest, chunk_bytes):
-        ops, landing = [], []
-        for t in sends:
-            piece = outgoing[t.owner].buffer[start:start + chunk_bytes]
-            if piece.numel():
-                ops.append(dist.P2POp(dist.isend, piece.to(dev, non_blocking=True), t.dst, group, _tag(t.owner, 2)))
+    # 3. data sections, in rounds of at most one chunk per transfer; then validation
+    buffers = {t: device.empty_host(shape[t][1]) if pool is None else pool.acquire(shape[t][1]) for t in recvs}
+    try:
+        longest = max([outgoing[t.owner].buffer.numel() for t in sends] + [shape[t][1] for t in recvs], default=0)
+        for start in range(0, longest, chunk_bytes):
+            ops, landing = [], []
+            for t in sends:
+                piece = outgoing[t.owner].buffer[start:start + chunk_bytes]
+                if piece.numel():
+                    ops.append(dist.P2POp(dist.isend, piece.to(dev, non_blocking=True), t.dst, group, _tag(t.owner, 2)))
+            for t in recvs:
+                piece = buffers[t][start:start + chunk_bytes]
+                if piece.numel():
+                    on_dev = piece if dev.type == "cpu" else torch.empty_like(piece, device=dev)
+                    ops.append(dist.P2POp(dist.irecv, on_dev, t.src, group, _tag(t.owner, 2)))
+                    landing.append((piece, on_dev))
+            if dev.type != "cpu":
+                device.synchronize()  # host-to-device copies of the pieces to send
+            _run(ops)
+            for piece, on_dev in landing:
+                if on_dev is not piece:
+                    piece.copy_(on_dev)
+        received = {}
         for t in recvs:
-            piece = buffers[t][start:start + chunk_bytes]
-            if piece.numel():
-                on_dev = piece if dev.type == "cpu" else torch.empty_like(piece, device=dev)
-                ops.append(dist.P2POp(dist.irecv, on_dev, t.src, group, _tag(t.owner, 2)))
-                landing.append((piece, on_dev))
-        if dev.type != "cpu":
-            device.synchronize()  # host-to-device copies of the pieces to send
-        _run(ops)
-        for piece, on_dev in landing:
-            if on_dev is not piece:
-                piece.copy_(on_dev)
-
-    received = {}
-    for t in recvs:
-        origin = f"part of rank {t.owner} received by rank {rank} from rank {t.src}"
-        prefix = prefixes[t].cpu().numpy().tobytes()
-        header, hollow = parse_prefix(prefix, shape[t][1], origin)
-        verify_data(header, buffers[t], origin)
-        received[t.owner] = RawPart(header, prefix, hollow, buffers[t])
+            origin = f"part of rank {t.owner} received by rank {rank} from rank {t.src}"
+            prefix = prefixes[t].cpu().numpy().tobytes()
+            header, hollow = parse_prefix(prefix, shape[t][1], origin)
+            verify_data(header, buffers[t], origin)
+            received[t.owner] = RawPart(header, prefix, hollow, buffers[t])
+    except BaseException:
+        if pool is not None:
+            for buf in buffers.values():
+                pool.release(buf)
+        raise
     logger.debug("rank %d sent %d and received %d parts", rank, len(sends), len(recvs))
     return received
 

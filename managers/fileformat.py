@@ -57,6 +57,7 @@ DIRTY_SUFFIX = ".dirty"
 _DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
 }
+_ITEMSIZE: dict[torch.dtype, int] = {d: d.itemsize for d in _DTYPES.values()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -117,17 +118,21 @@ def _encode_header(meta: PartMeta, hollow: bytes, layouts: Sequence[TensorLayout
                    chunk_sums: Sequence[int]) -> tuple[bytes, int]:
     """(preamble + header + hollow bytes, data offset). Checksum fields are fixed-width, so the
     length does not depend on their values."""
+    # The tensor table is the large part (one entry per tensor): encode it once.
+    tensors = json.dumps([[dtype_name(l.dtype), list(l.shape), l.offset, l.nbytes] for l in layouts],
+                         separators=(",", ":"))
+    hollow_sum = _hex(xxhash.xxh3_64_intdigest(hollow))
+    sums = [_hex(s) for s in chunk_sums]
+
     def build(data_offset: int) -> bytes:
         header = {
             "format_version": FORMAT_VERSION,
             "iteration": meta.iteration, "owner_rank": meta.owner_rank, "world_size": meta.world_size,
             "session_id": meta.session_id, "replication": meta.replication,
-            "hollow": {"nbytes": len(hollow), "xxh3": _hex(xxhash.xxh3_64_intdigest(hollow))},
-            "data": {"offset": data_offset, "nbytes": data_nbytes, "chunk_bytes": CHUNK_BYTES,
-                     "chunk_xxh3": [_hex(s) for s in chunk_sums]},
-            "tensors": [[dtype_name(l.dtype), list(l.shape), l.offset, l.nbytes] for l in layouts],
+            "hollow": {"nbytes": len(hollow), "xxh3": hollow_sum},
+            "data": {"offset": data_offset, "nbytes": data_nbytes, "chunk_bytes": CHUNK_BYTES, "chunk_xxh3": sums},
         }
-        return json.dumps(header, separators=(",", ":")).encode()
+        return (json.dumps(header, separators=(",", ":"))[:-1] + ',"tensors":' + tensors + "}").encode()
 
     # The data offset is part of the header, whose length depends on the offset's digits: iterate.
     data_offset = 0
@@ -302,7 +307,7 @@ def _parse_header(path: Path, raw: bytes, file_size: int) -> PartHeader:
             raise _corrupt(path, f"tensor entry {i} has unknown dtype {name!r}")
         if not all(type(s) is int and s >= 0 for s in shape) or type(offset) is not int or type(nbytes) is not int:
             raise _corrupt(path, f"tensor entry {i} has a malformed shape/offset/size")
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = _ITEMSIZE[dtype]
         if nbytes != math.prod(shape) * itemsize or offset < 0 or offset % itemsize or offset + nbytes > data_nbytes:
             raise _corrupt(path, f"tensor entry {i} ({name} {shape}) does not fit the data section")
         layouts.append(TensorLayout(dtype, tuple(shape), offset, nbytes))

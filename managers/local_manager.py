@@ -110,11 +110,12 @@ class LocalCheckpointManager(BaseCheckpointManager):
         self._verified[path] = (self._identity(path), self.replication)
         return size
 
-    def _write_raw_part(self, part: RawPart) -> int:
-        meta = part.header.meta
+    def _write_encoded(self, meta: PartMeta, prefix: bytes, buffer: Any) -> int:
+        self._prefetched = None
+        self.local_ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = self._path(meta.iteration, meta.owner_rank)
         try:
-            size = write_encoded(path, len(part.prefix), part.buffer, part.prefix, direct_io=self.direct_io)
+            size = write_encoded(path, len(prefix), buffer, prefix, direct_io=self.direct_io)
         except OSError as e:
             raise CheckpointingException(f"rank {self.rank} could not write {path}: {e}") from e
         self._verified[path] = (self._identity(path), meta.replication)

@@ -82,8 +82,10 @@ class HostBufferPool:
 
     ``acquire(nbytes)`` hands out a free buffer of exactly that size, or allocates one;
     ``release(buf)`` returns it. Free buffers beyond ``max_pooled_bytes`` are dropped, oldest
-    first. ``max_pooled_bytes=None`` bounds the pool at twice the largest buffer acquired so far
-    (double buffering of one layout). Thread-safe. Pinned when CUDA is present (``pin``).
+    first. ``max_pooled_bytes=None`` bounds the pool by what its users needed at once: the larger of
+    the peak bytes in use and twice the largest buffer (double buffering of one layout). A save with
+    replication factor F holds F buffers at once (its own part and F-1 received ones), so they are
+    all kept. Thread-safe. Pinned when CUDA is present (``pin``).
     """
 
     def __init__(self, max_pooled_bytes: int | None = None, pin: bool | None = None):
@@ -95,6 +97,7 @@ class HostBufferPool:
         self._free: OrderedDict[int, torch.Tensor] = OrderedDict()  # data_ptr -> buffer, oldest first
         self._in_use: dict[int, torch.Tensor] = {}
         self._largest = 0
+        self._peak_in_use = 0
         #: Counters: buffers allocated, bytes allocated, acquisitions served from the pool.
         self.allocations = 0
         self.allocated_bytes = 0
@@ -121,6 +124,7 @@ class HostBufferPool:
                     del self._free[ptr]
                     self._in_use[ptr] = buf
                     self.reuses += 1
+                    self._note_peak()
                     return buf
         buf = device.empty_host(nbytes, pin=self.pin)
         with self._lock:
@@ -128,8 +132,12 @@ class HostBufferPool:
             self.allocated_bytes += nbytes
             # Zero-sized buffers may share a data pointer; key them by object identity instead.
             self._in_use[self._key(buf)] = buf
+            self._note_peak()
         logger.debug("allocated a %d-byte staging buffer (%d so far)", nbytes, self.allocations)
         return buf
+
+    def _note_peak(self) -> None:  # with the lock held
+        self._peak_in_use = max(self._peak_in_use, sum(b.numel() for b in self._in_use.values()))
 
     @staticmethod
     def _key(buf: torch.Tensor) -> int:
@@ -142,7 +150,8 @@ class HostBufferPool:
             if self._in_use.pop(key, None) is None:
                 raise ValueError("buffer was not acquired from this pool (or released twice)")
             self._free[key] = buf
-            bound = 2 * self._largest if self.max_pooled_bytes is None else self.max_pooled_bytes
+            bound = (max(2 * self._largest, self._peak_in_use) if self.max_pooled_bytes is None
+                     else self.max_pooled_bytes)
             total = sum(b.numel() for b in self._free.values())
             while self._free and total > bound:
                 _, dropped = self._free.popitem(last=False)

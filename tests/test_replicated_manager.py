@@ -182,3 +182,19 @@ def test_dead_peer_during_replicated_save_is_an_error_not_a_hang(tmp_path):
     for r in (0, 2):
         assert "was killed" not in info.value.failures[r] and "CheckpointingException" in info.value.failures[r]
     assert run_ranks(restore, 3, tmp_path, strategy) == [1, 1, 1]
+
+
+def pool_counts(rank, world, root, strategy):
+    from tasd import default_pool
+    pool, m, counts = default_pool(), manager(root, strategy), []
+    for step in (1, 2, 3):
+        m.save(BasicTensorAwareStateDict(state(rank, step)), step)
+        counts.append((pool.allocations, pool.in_use_bytes))
+    return counts
+
+
+def test_replicated_saves_reuse_receive_buffers(tmp_path):
+    strategy = {"strategy": "ring", "replication_jump": 1, "replication_factor": 3}  # 3 buffers at once
+    for counts in run_ranks(pool_counts, 3, tmp_path, strategy):
+        assert counts[0] == counts[1] == counts[2], "no host memory allocated after the first save"
+        assert counts[0][0] == 3 and counts[0][1] == 0, "own part + two received parts, all released"
