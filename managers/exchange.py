@@ -15,6 +15,7 @@ owner rank, so one plan may move several parts between the same pair.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -24,12 +25,15 @@ import torch.distributed as dist
 from tasd import device
 from tasd.staging import HostBufferPool
 from tasd.managers import collectives
-from tasd.managers.fileformat import RawPart, parse_prefix, verify_data
+from tasd.managers.fileformat import (CHUNK_BYTES, RawPart, check_checksums, chunk_checksums, parse_prefix,
+                                      verify_data)
 
 logger = logging.getLogger(__name__)
 
-#: Largest piece of a data section moved by one operation (and device memory used per transfer).
-DEFAULT_CHUNK_BYTES = 256 << 20
+#: Largest piece of a data section moved by one operation (and device memory used per transfer):
+#: a multiple of the file format's checksum chunk, so each landed piece is verified while the next
+#: one is in flight.
+DEFAULT_CHUNK_BYTES = 2 * CHUNK_BYTES
 
 
 @dataclass(frozen=True, order=True)
@@ -100,6 +104,9 @@ def exchange_parts(plan: Sequence[Transfer], outgoing: Mapping[int, OutgoingPart
 
     # 3. data sections, in rounds of at most one chunk per transfer; then validation
     buffers = {t: device.empty_host(shape[t][1]) if pool is None else pool.acquire(shape[t][1]) for t in recvs}
+    overlap = chunk_bytes % CHUNK_BYTES == 0  # landed pieces hold whole checksum chunks
+    sums: dict[Transfer, list[Future]] = {t: [] for t in recvs}
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="tasd-verify")
     try:
         longest = max([outgoing[t.owner].buffer.numel() for t in sends] + [shape[t][1] for t in recvs], default=0)
         for start in range(0, longest, chunk_bytes):
@@ -113,25 +120,32 @@ def exchange_parts(plan: Sequence[Transfer], outgoing: Mapping[int, OutgoingPart
                 if piece.numel():
                     on_dev = piece if dev.type == "cpu" else torch.empty_like(piece, device=dev)
                     ops.append(dist.P2POp(dist.irecv, on_dev, t.src, group, _tag(t.owner, 2)))
-                    landing.append((piece, on_dev))
+                    landing.append((t, piece, on_dev))
             if dev.type != "cpu":
                 device.synchronize()  # host-to-device copies of the pieces to send
             _run(ops)
-            for piece, on_dev in landing:
+            for t, piece, on_dev in landing:
                 if on_dev is not piece:
                     piece.copy_(on_dev)
+                if overlap:  # hashed (GIL released) while the next piece is in flight
+                    sums[t].append(hasher.submit(chunk_checksums, memoryview(piece.numpy())))
         received = {}
         for t in recvs:
             origin = f"part of rank {t.owner} received by rank {rank} from rank {t.src}"
             prefix = prefixes[t].cpu().numpy().tobytes()
             header, hollow = parse_prefix(prefix, shape[t][1], origin)
-            verify_data(header, buffers[t], origin)
+            if overlap:
+                check_checksums(header, [s for f in sums[t] for s in f.result()], origin)
+            else:
+                verify_data(header, buffers[t], origin)
             received[t.owner] = RawPart(header, prefix, hollow, buffers[t])
     except BaseException:
         if pool is not None:
             for buf in buffers.values():
                 pool.release(buf)
         raise
+    finally:
+        hasher.shutdown(wait=True)
     logger.debug("rank %d sent %d and received %d parts", rank, len(sends), len(recvs))
     return received
 

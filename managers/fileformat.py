@@ -389,7 +389,14 @@ def verify_data(header: PartHeader, buffer: torch.Tensor, origin: str) -> None:
     data = _as_bytes(buffer)
     if len(data) != header.data_nbytes:
         raise _corrupt(origin, f"data has {len(data)} bytes, the header says {header.data_nbytes}")
-    for i, got in enumerate(chunk_checksums(data)):
+    check_checksums(header, chunk_checksums(data), origin)
+
+
+def check_checksums(header: PartHeader, sums: Sequence[int], origin: str) -> None:
+    """Compare a data section's chunk checksums (computed by the caller) with ``header``'s."""
+    if len(sums) != len(header.chunk_xxh3):
+        raise _corrupt(origin, f"data has {len(sums)} checksum chunks, the header says {len(header.chunk_xxh3)}")
+    for i, got in enumerate(sums):
         _check_chunk((i, got), header, origin)
 
 
