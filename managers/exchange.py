@@ -58,6 +58,7 @@ def _tag(owner: int, kind: int) -> int:
 
 
 def _run(ops: list[dist.P2POp]) -> None:
+    """Post ``ops`` as one batch and wait for all of them."""
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
@@ -102,32 +103,41 @@ def exchange_parts(plan: Sequence[Transfer], outgoing: Mapping[int, OutgoingPart
     ops += [dist.P2POp(dist.irecv, prefixes[t], t.src, group, _tag(t.owner, 1)) for t in recvs]
     _run(ops)
 
-    # 3. data sections, in rounds of at most one chunk per transfer; then validation
+    # 3. data sections in pieces of at most chunk_bytes; then validation
     buffers = {t: device.empty_host(shape[t][1]) if pool is None else pool.acquire(shape[t][1]) for t in recvs}
     overlap = chunk_bytes % CHUNK_BYTES == 0  # landed pieces hold whole checksum chunks
     sums: dict[Transfer, list[Future]] = {t: [] for t in recvs}
     hasher = ThreadPoolExecutor(1, thread_name_prefix="tasd-verify")
     try:
         longest = max([outgoing[t.owner].buffer.numel() for t in sends] + [shape[t][1] for t in recvs], default=0)
-        for start in range(0, longest, chunk_bytes):
+        starts = list(range(0, longest, chunk_bytes))
+        # On CPU every piece is posted at once (nothing to bound); through a device, one round of
+        # pieces at a time bounds the device memory used.
+        for round_starts in ([starts] if dev.type == "cpu" else [[x] for x in starts]):
             ops, landing = [], []
-            for t in sends:
-                piece = outgoing[t.owner].buffer[start:start + chunk_bytes]
-                if piece.numel():
-                    ops.append(dist.P2POp(dist.isend, piece.to(dev, non_blocking=True), t.dst, group, _tag(t.owner, 2)))
-            for t in recvs:
-                piece = buffers[t][start:start + chunk_bytes]
-                if piece.numel():
-                    on_dev = piece if dev.type == "cpu" else torch.empty_like(piece, device=dev)
-                    ops.append(dist.P2POp(dist.irecv, on_dev, t.src, group, _tag(t.owner, 2)))
-                    landing.append((t, piece, on_dev))
+            for start in round_starts:
+                for t in sends:
+                    piece = outgoing[t.owner].buffer[start:start + chunk_bytes]
+                    if piece.numel():
+                        ops.append(dist.P2POp(dist.isend, piece.to(dev, non_blocking=True), t.dst, group,
+                                              _tag(t.owner, 2)))
+                        landing.append(None)
+                for t in recvs:
+                    piece = buffers[t][start:start + chunk_bytes]
+                    if piece.numel():
+                        on_dev = piece if dev.type == "cpu" else torch.empty_like(piece, device=dev)
+                        ops.append(dist.P2POp(dist.irecv, on_dev, t.src, group, _tag(t.owner, 2)))
+                        landing.append((t, piece, on_dev))
             if dev.type != "cpu":
                 device.synchronize()  # host-to-device copies of the pieces to send
-            _run(ops)
-            for t, piece, on_dev in landing:
+            for work, landed in zip(dist.batch_isend_irecv(ops) if ops else [], landing):
+                work.wait()
+                if landed is None:
+                    continue
+                t, piece, on_dev = landed
                 if on_dev is not piece:
                     piece.copy_(on_dev)
-                if overlap:  # hashed (GIL released) while the next piece is in flight
+                if overlap:  # hashed (GIL released) while the following pieces are in flight
                     sums[t].append(hasher.submit(chunk_checksums, memoryview(piece.numpy())))
         received = {}
         for t in recvs:
