@@ -318,7 +318,7 @@ class BaseCheckpointManager(ABC):
         if latest >= 0 and settings[latest] != self.replication:
             raise ReplicationMismatchError(latest, settings[latest], self.replication)
         self.latest_iteration = latest
-        self._latest_holders = holders.get(latest)
+        self._latest_holders = holders.get(latest, {})  # {} once known: load does not search again
         logger.info("rank %d: latest complete iteration is %d", self.rank, latest)
         return latest
 
