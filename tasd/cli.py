@@ -55,7 +55,21 @@ def _run_demo(args: argparse.Namespace) -> int:
                     lose_rank=None if args.no_node_loss else (-1 if args.lose_rank is None else args.lose_rank))
 
 
-_SUBCOMMANDS = (_add_demo,)
+# -- tasd inspect -------------------------------------------------------------------------------
+def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="show the local checkpoints under a root and what is recoverable",
+        description="List every part under ROOT/<session>/<rank>/ by session and iteration: which rank holds "
+                    "which owner's part, the replication settings, and whether every owner's part exists "
+                    "somewhere (recoverable). Reads headers only; --verify also checks every checksum. "
+                    "Exit code 0 when the newest iteration of every session is recoverable.")
+    p.add_argument("root", help="the root_local_ckpt_dir given to LocalCheckpointManager")
+    p.add_argument("--verify", action="store_true", help="read whole parts and check their checksums")
+    p.set_defaults(handler=lambda args: __import__("tasd.inspect", fromlist=["run_inspect"]).run_inspect(
+        args.root, verify=args.verify))
+
+
+_SUBCOMMANDS = (_add_demo, _add_inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 
 def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tasd", *args], capture_output=True, text=True, timeout=timeout)
+    """Run ``python -m tasd ARGS`` with a terminal wide enough that rich does not wrap table cells."""
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "tasd", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def test_demo_loses_a_node_restarts_and_resumes_bit_exactly(tmp_path):
@@ -35,3 +39,20 @@ def test_bad_arguments_exit_with_usage_error():
     assert out.returncode == 2 and "positive integer" in out.stderr
     out = run_cli("demo", "--ranks", "3", "--replication", "clique")  # 3 ranks cannot form pairs
     assert out.returncode == 1 and "divisible" in " ".join(out.stdout.split())
+
+
+def test_inspect_reports_what_is_recoverable(tmp_path):
+    assert run_cli("demo", "--ranks", "3", "--steps", "2", "--save-every", "2", "--dir", str(tmp_path),
+                   "--keep").returncode == 0  # rank 2's node is lost: its part survives on rank 0 only
+    out = run_cli("inspect", str(tmp_path))
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0 and "recoverable" in text and "ring, factor 2, jump 1" in text
+    replica = tmp_path / "demo" / "0" / "iter_0000002_2_local.tasd"
+    data = bytearray(replica.read_bytes())
+    data[-1] ^= 0xFF
+    replica.write_bytes(bytes(data))
+    assert run_cli("inspect", str(tmp_path)).returncode == 0, "headers alone do not see data damage"
+    out = run_cli("inspect", str(tmp_path), "--verify")
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 1 and "missing rank(s) [2]" in text and "checksum mismatch" in text
+    assert run_cli("inspect", str(tmp_path / "nothing")).returncode == 1
