@@ -156,7 +156,6 @@ def bench_raw(work: Path, flat: torch.Tensor, repeats: int) -> dict[str, list[fl
     faulted = np.ones(len(view), np.uint8)
     res["raw read (pages already faulted)"] = timed(lambda: raw_read(path, len(view), faulted), repeats, before=evict)
     assert bytes(faulted[:4096]) == bytes(view[:4096])
-    del faulted
     path.unlink()
     return res
 

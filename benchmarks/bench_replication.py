@@ -206,7 +206,7 @@ def bench_exchange(nbytes: int, repeats: int, verdicts: dict) -> dict:
 
 
 def bench_recovery(work: Path, nbytes: int, repeats: int, verdicts: dict, lost: int = 1) -> dict:
-    gb, out = nbytes / 1e9, {}
+    out = {}
     tab = table(f"2. recovery of rank {lost} (lost its directory), {nbytes / (1 << 20):.0f} MiB per part",
                 ("world", "what", "find_latest s", "load s", "find_latest + load s", "load vs raw"))
     for world in (2, 4):

@@ -15,8 +15,8 @@ from typing import Any
 
 from tasd.managers.base_manager import Advertised, BaseCheckpointManager
 from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
-from tasd.managers.fileformat import (DIRTY_SUFFIX, LoadedPart, PartMeta, RawPart, read_part, read_raw_part,
-                                      verify_part, write_encoded, write_part)
+from tasd.managers.fileformat import DIRTY_SUFFIX, LoadedPart, PartMeta, RawPart
+from tasd.managers.partio import read_part, read_raw_part, verify_part, write_encoded, write_part
 from tasd.staging import HostBufferPool, Staged
 
 logger = logging.getLogger(__name__)

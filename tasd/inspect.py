@@ -16,7 +16,7 @@ from rich.table import Table
 
 from tasd.managers.config import describe_settings
 from tasd.managers.errors import CorruptCheckpointError
-from tasd.managers.fileformat import read_header, verify_part
+from tasd.managers.partio import read_header, verify_part
 
 _PART = re.compile(r"^iter_(\d+)_(\d+)_local\.tasd$")
 

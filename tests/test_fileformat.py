@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import random
-import struct
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,8 @@ import xxhash
 
 from tasd import BasicTensorAwareStateDict
 from tasd.managers import CorruptCheckpointError
-from tasd.managers.fileformat import (CHUNK_BYTES, DIRTY_SUFFIX, PREAMBLE, PartMeta, read_header, read_part,
-                                      verify_part, write_part)
+from tasd.managers.fileformat import CHUNK_BYTES, DIRTY_SUFFIX, PREAMBLE, PartMeta
+from tasd.managers.partio import read_header, read_part, verify_part, write_part
 from tasd.serialization import dumps
 from tasd.staging import HostBufferPool, stage
 from tests.test_basic_state_dict import assert_same, every_kind

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from tasd import BasicTensorAwareStateDict, default_pool
 from tasd.launch import RankFailure
 from tasd.managers import CheckpointingException, LocalCheckpointManager
-from tasd.managers import fileformat
+from tasd.managers import partio
 from tests.test_basic_state_dict import assert_same, every_kind
 
 SESSION = "job"
@@ -109,7 +108,7 @@ def test_damaged_part_makes_find_latest_skip_the_iteration(ranks, tmp_path, dama
     elif damage == "truncate":
         os.truncate(victim, victim.stat().st_size // 2)
     else:
-        header = fileformat.read_header(victim)
+        header = partio.read_header(victim)
         with open(victim, "r+b") as f:
             f.seek(header.data_offset + 4097)
             byte = f.read(1)
@@ -134,7 +133,7 @@ def failing_save(rank, world, root, how):
     if rank == 1 and how == "disk_full":
         def full(*a, **k):
             raise OSError(28, "No space left on device")
-        fileformat.os.fsync = full
+        partio.os.fsync = full
     if how == "mismatched_iteration":
         step = 2 + rank
     else:
@@ -170,7 +169,7 @@ def crash_before_rename(rank, world, root):
     if rank == 1:
         def die(*a, **k):
             os._exit(17)  # the node dies after writing the .dirty file, before publishing it
-        fileformat.os.rename = die
+        partio.os.rename = die
     m.save(BasicTensorAwareStateDict(rank_state(rank, 2)), 2)
 
 

@@ -12,9 +12,8 @@ import torch
 
 from tasd import BasicTensorAwareStateDict
 from tasd.launch import RankFailure, run_ranks
-from tasd.managers import (CheckpointingException, LocalCheckpointManager, NoReplicasAvailableError,
-                           ReplicationConfig, ReplicationMismatchError)
-from tasd.managers import fileformat
+from tasd.managers import (CheckpointingException, LocalCheckpointManager, ReplicationConfig, ReplicationMismatchError)
+from tasd.managers import partio
 from tests.test_basic_state_dict import assert_same
 
 SESSION = "repl"
@@ -118,7 +117,7 @@ def test_corrupt_replica_is_skipped_for_a_good_copy(tmp_path):
     run_ranks(save_steps, 3, tmp_path, strategy, [5])
     shutil.rmtree(tmp_path / SESSION / "0")
     victim = tmp_path / SESSION / "1" / "iter_0000005_0_local.tasd"
-    header = fileformat.read_header(victim)
+    header = partio.read_header(victim)
     with open(victim, "r+b") as f:
         f.seek(header.data_offset + 10)
         f.write(b"\xff\xff")
