@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing as mp
-import os
 import queue as queue_mod
 import signal
 import time
@@ -202,7 +201,7 @@ class PersistentAsyncCaller:
         self._results: Any = None
         self._outstanding: deque[int] = deque()
         self._done: dict[int, str | None] = {}
-        self._keep: dict[int, bytes] = {}  # pickled requests kept alive until done (shared memory)
+        self._keep: dict[int, Any] = {}  # arguments kept alive until done (their shared memory)
 
     @property
     def busy(self) -> bool:
@@ -234,7 +233,7 @@ class PersistentAsyncCaller:
             self._fail_outstanding()
             self._start()
         self._requests.put(payload)
-        self._keep[req.call_idx] = payload
+        self._keep[req.call_idx] = (args, req.async_fn_kwargs)
         self._outstanding.append(req.call_idx)
 
     def _drain(self) -> None:
