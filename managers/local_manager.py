@@ -11,7 +11,7 @@ import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tasd.managers.base_manager import Advertised, BaseCheckpointManager
 from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
@@ -99,27 +99,25 @@ class LocalCheckpointManager(BaseCheckpointManager):
         return found
 
     # -- storage hooks ---------------------------------------------------------------------------
-    def _write_part(self, meta: PartMeta, hollow: bytes, staged: Staged) -> int:
+    def _store(self, meta: PartMeta, write: Callable[[Path], int]) -> int:
+        """Write the part ``meta`` names with ``write(path)`` and remember it as verified."""
         self._prefetched = None
         self.local_ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = self._path(meta.iteration, meta.owner_rank)
         try:
-            size = write_part(path, meta, hollow, staged.buffer, staged.layouts, direct_io=self.direct_io)
-        except OSError as e:
-            raise CheckpointingException(f"rank {self.rank} could not write {path}: {e}") from e
-        self._verified[path] = (self._identity(path), self.replication)
-        return size
-
-    def _write_encoded(self, meta: PartMeta, prefix: bytes, buffer: Any) -> int:
-        self._prefetched = None
-        self.local_ckpt_dir.mkdir(parents=True, exist_ok=True)
-        path = self._path(meta.iteration, meta.owner_rank)
-        try:
-            size = write_encoded(path, len(prefix), buffer, prefix, direct_io=self.direct_io)
+            size = write(path)
         except OSError as e:
             raise CheckpointingException(f"rank {self.rank} could not write {path}: {e}") from e
         self._verified[path] = (self._identity(path), meta.replication)
         return size
+
+    def _write_part(self, meta: PartMeta, hollow: bytes, staged: Staged) -> int:
+        return self._store(meta, lambda path: write_part(path, meta, hollow, staged.buffer, staged.layouts,
+                                                         direct_io=self.direct_io))
+
+    def _write_encoded(self, meta: PartMeta, prefix: bytes, buffer: Any) -> int:
+        return self._store(meta, lambda path: write_encoded(path, len(prefix), buffer, prefix,
+                                                            direct_io=self.direct_io))
 
     def _is_unchanged(self, path: Path, identity: tuple[int, int, int] | None) -> bool:
         try:
@@ -170,15 +168,14 @@ class LocalCheckpointManager(BaseCheckpointManager):
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None and prefetched[0] == path and self._is_unchanged(path, prefetched[1]):
             return prefetched[2]  # handed out once: a second load reads the file again
-        try:
-            return read_part(path)
-        except OSError as e:
-            raise CheckpointingException(f"rank {self.rank} could not read {path}: {e}") from e
+        return self._read(path, read_part)
 
     def _read_raw_part(self, iteration: int, owner: int) -> RawPart:
-        path = self._path(iteration, owner)
+        return self._read(self._path(iteration, owner), read_raw_part)
+
+    def _read(self, path: Path, reader: Callable[[Path], Any]) -> Any:
         try:
-            return read_raw_part(path)
+            return reader(path)
         except OSError as e:
             raise CheckpointingException(f"rank {self.rank} could not read {path}: {e}") from e
 
