@@ -2,10 +2,12 @@
 ``PersistentAsyncCaller``). Local objects: nothing here is collective; agreement between ranks is
 :class:`tasd.managers.async_ckpt.AsyncCallsQueue`'s job.
 
-Both callers start a request with :meth:`schedule` (preload_fn, if any, runs here in the calling
-process, then device work is synchronized) and report on it with the non-blocking :meth:`poll`,
-which returns ``(done, error)``: ``error`` is None on success, else the worker's formatted
-traceback, or ``"async worker died with exit code X"`` when the worker died without reporting.
+Both callers have one interface: :meth:`schedule` starts a request (preload_fn, if any, runs here
+in the calling process, then device work is synchronized); the non-blocking ``poll(call_idx)`` and
+``wait(call_idx, timeout)`` return ``(done, error)``: ``error`` is None on success, else the
+worker's formatted traceback, or ``"async worker died with exit code X"`` when the worker died
+without reporting; ``retire(call_idx)`` forgets a finalized or dropped call (stopping its work if
+it still runs).
 """
 
 from __future__ import annotations
@@ -110,11 +112,13 @@ class TemporalAsyncCaller:
         self._proc, self._conn, self._call_idx, self._result = proc, recv, req.call_idx, None
         logger.debug("call %d forked as pid %s", req.call_idx, proc.pid)
 
-    def poll(self) -> tuple[bool, str | None]:
-        """(done, error) of the current call, without blocking. Raises CheckpointingException
-        when nothing was scheduled."""
+    def poll(self, call_idx: int | None = None) -> tuple[bool, str | None]:
+        """(done, error) of the current call (``call_idx``, when given, must be it), without
+        blocking. Raises CheckpointingException when nothing, or another call, was scheduled."""
         if self._call_idx is None:
             raise CheckpointingException("no call scheduled on this TemporalAsyncCaller")
+        if call_idx is not None and call_idx != self._call_idx:
+            raise CheckpointingException(f"call {call_idx} is not the one running on this caller")
         if self._result is not None:
             return True, self._result[1]
         alive = self._proc.is_alive()
@@ -135,9 +139,14 @@ class TemporalAsyncCaller:
         self._result = result
         return True, result[1]
 
-    def wait(self, timeout: float | None = None) -> tuple[bool, str | None]:
+    def wait(self, call_idx: int | None = None, timeout: float | None = None) -> tuple[bool, str | None]:
         """Poll until the current call is done or ``timeout`` seconds passed ((False, None) then)."""
-        return _wait(self.poll, timeout)
+        return _wait(lambda: self.poll(call_idx), timeout)
+
+    def retire(self, call_idx: int) -> None:
+        """Forget ``call_idx``: a call dropped while still running has its worker killed."""
+        if self.busy and call_idx == self._call_idx:
+            self.close(abort=True)
 
     def close(self, abort: bool = False) -> None:
         """Normal: wait for the current call to end. ``abort``: kill the worker now."""

@@ -71,19 +71,15 @@ class AsyncCallsQueue:
 
     def _poll(self, caller: Any, idx: int, blocking: bool) -> tuple[bool, str | None]:
         if blocking:
-            done, err = (caller.wait(idx, self.wait_timeout_s) if caller.persistent
-                         else caller.wait(self.wait_timeout_s))
+            done, err = caller.wait(idx, self.wait_timeout_s)
             if not done:
                 return True, f"async call {idx} did not finish within {self.wait_timeout_s}s"
             return done, err
-        return caller.poll(idx) if caller.persistent else caller.poll()
+        return caller.poll(idx)
 
     def _drop(self, caller: Any, idx: int) -> None:
         self._calls.popleft()
-        if caller.persistent:
-            caller.retire(idx)
-        elif caller.busy:
-            caller.close(abort=True)
+        caller.retire(idx)
 
     def maybe_finalize_async_calls(self, blocking: bool = False, no_dist: bool = False) -> list[int]:
         """Finalize finished calls, oldest first, running each call's finalize functions; stop at
@@ -126,8 +122,7 @@ class AsyncCallsQueue:
                 if not_done_any:
                     break
             self._calls.popleft()
-            if caller.persistent:
-                caller.retire(idx)
+            caller.retire(idx)
             for fn in req.finalize_fns:
                 fn()
             finalized.append(idx)
