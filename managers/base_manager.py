@@ -217,8 +217,7 @@ class BaseCheckpointManager(ABC):
                 error = e
             if self.repl_strategy is not None:
                 # Peers wait for this rank's part: agree that every rank has one before exchanging.
-                error, failures = self._agree(error, number, f"save of iteration {iteration}")
-                _raise_agreed(failures, self.rank, error, f"save of iteration {iteration}")
+                self._agree_or_raise(error, number, f"save of iteration {iteration}")
                 t1 = time.perf_counter()
                 try:
                     received = self._replicate(meta, prefix, staged)
@@ -277,6 +276,11 @@ class BaseCheckpointManager(ABC):
         except Exception as e:
             raise CheckpointingException(f"{what}: rank {self.rank} could not reach the other ranks "
                                          f"(a peer died or timed out): {e}") from e
+
+    def _agree_or_raise(self, error: BaseException | None, iteration: int, what: str) -> None:
+        """:meth:`_agree`, then raise on every rank if any rank failed (see _raise_agreed)."""
+        error, failures = self._agree(error, iteration, what)
+        _raise_agreed(failures, self.rank, error, what)
 
     # -- find_latest ---------------------------------------------------------------------------
     def find_latest(self) -> int:
@@ -350,8 +354,7 @@ class BaseCheckpointManager(ABC):
             error = e
         if plan:
             # Receivers wait for their senders: agree that every sender read its parts first.
-            error, failures = self._agree(error, iteration, what)
-            _raise_agreed(failures, self.rank, error, what)
+            self._agree_or_raise(error, iteration, what)
             try:
                 received = exchange_parts(plan, outgoing, group=self.repl_strategy.group)
                 if self.rank in needs:
@@ -361,8 +364,7 @@ class BaseCheckpointManager(ABC):
                 error = e
         if sd is None and error is None:
             error = NoReplicasAvailableError(iteration, [self.rank])
-        error, failures = self._agree(error, iteration, what)
-        _raise_agreed(failures, self.rank, error, what)
+        self._agree_or_raise(error, iteration, what)
         if plan:
             logger.info("rank %d: iteration %d restored with %d part(s) fetched from peers: %s",
                         self.rank, iteration, len(plan), [(t.owner, t.src) for t in plan])
