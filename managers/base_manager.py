@@ -1,27 +1,40 @@
 """BaseCheckpointManager: the collective save / find_latest / load protocol over abstract storage.
 
-Subclasses say where parts live (the ``_write_*``, ``_read_*``, ``_advertised_parts``, ``_remove_*``
-and ``_cleanup`` hooks, all local operations); this class decides when, and makes every rank agree:
-a failure on one rank becomes an error on every rank, and an iteration is published (others
-removed) only after every rank's part and replicas are durable. With a replication strategy, each
-rank also stores its peers' parts (exchanged with :mod:`tasd.managers.exchange`), and load fetches
-a lost rank's part from a peer that holds it.
+Subclasses say where parts live (the ``_own_part_call``, ``_write_encoded``, ``_publish``,
+``_read_*``, ``_advertised_parts``, ``_remove_*`` and ``_cleanup`` hooks, all local operations);
+this class decides when, and makes every rank agree: a failure on one rank becomes an error on
+every rank, and an iteration is published (parts stored unpublished are made visible, older
+iterations removed) only after every rank's part and replicas are durable. With a replication
+strategy, each rank also stores its peers' parts (exchanged with :mod:`tasd.managers.exchange`),
+and load fetches a lost rank's part from a peer that holds it.
+
+A save runs as a :class:`~tasd.managers.save_job.SaveJob`: stage (the caller waits), replicate
+and store, then finalize (agree, publish). ``save(is_async=True)`` returns after staging; the
+exchange runs in a background thread of this process on the strategy's own process group, the
+own part is written by the returned AsyncRequest's ``async_fn`` (in a queue's worker process),
+and its finalize function publishes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from tasd.managers import collectives
+from tasd.managers.async_ckpt import AsyncRequest
+from tasd.managers.async_ckpt.calls_queue import queue_holding
 from tasd.managers.config import ReplicationMismatchError
 from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
 from tasd.managers.exchange import OutgoingPart, Transfer, exchange_parts, plan_retrieval
 from tasd.managers.fileformat import LoadedPart, PartMeta, RawPart, encode_prefix
 from tasd.managers.replication import NoReplicasAvailableError, ReplicationStrategy
+from tasd.managers.save_job import SaveJob, SaveStats
 from tasd.serialization import dumps
 from tasd.staging import HostBufferPool, Staged, default_pool, stage
 from tasd.state_dict import TensorAwareStateDict
@@ -30,21 +43,6 @@ from tasd.tree import find_unpicklable
 logger = logging.getLogger(__name__)
 
 CkptID = tuple  # (iteration, rank, session_id)
-
-
-@dataclass
-class SaveStats:
-    """What the last save cost on this rank (seconds, bytes)."""
-
-    iteration: int = -1
-    stage_s: float = 0.0
-    exchange_s: float = 0.0
-    write_s: float = 0.0
-    finalize_s: float = 0.0
-    total_s: float = 0.0
-    tensor_bytes: int = 0
-    file_bytes: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -77,9 +75,12 @@ class BaseCheckpointManager(ABC):
     """
 
     def __init__(self, session_id: str = "", repl_strategy: ReplicationStrategy | None = None,
-                 group: Any = None, pool: HostBufferPool | None = None):
+                 group: Any = None, pool: HostBufferPool | None = None,
+                 async_pool: HostBufferPool | None = None, max_saves_in_flight: int = 1):
         if repl_strategy is not None and not isinstance(repl_strategy, ReplicationStrategy):
             raise TypeError(f"repl_strategy must be a ReplicationStrategy or None, got {type(repl_strategy).__name__}")
+        if type(max_saves_in_flight) is not int or max_saves_in_flight < 1:
+            raise ValueError(f"max_saves_in_flight must be an int >= 1, got {max_saves_in_flight!r}")
         self.session_id = session_id
         self.group = group
         self.rank, self.world_size = collectives.rank_and_size(group)
@@ -88,6 +89,12 @@ class BaseCheckpointManager(ABC):
             repl_strategy.check_world_size(self.world_size)
         self.replication = None if repl_strategy is None else repl_strategy.settings
         self.pool = pool or default_pool()
+        self.async_pool = async_pool or default_pool(shared=True)
+        if not self.async_pool.shared:
+            raise ValueError("async_pool must be a HostBufferPool(shared=True): its buffers go to worker processes")
+        self.max_saves_in_flight = max_saves_in_flight
+        self._pending: deque[SaveJob] = deque()  # async saves not yet finalized, oldest first
+        self._replicator: ThreadPoolExecutor | None = None  # runs async exchanges, one at a time
         self.latest_iteration: int | None = None  # newest iteration every rank can load, once known
         self._latest_holders: dict[int, list[int]] | None = None  # owner -> ranks holding its part
         self._unrecoverable: tuple[int, list[int]] | None = None  # newest incomplete iteration, lost owners
@@ -95,13 +102,24 @@ class BaseCheckpointManager(ABC):
 
     # -- storage, implemented by subclasses (local operations, never collective) ---------------
     @abstractmethod
-    def _write_part(self, meta: PartMeta, hollow: bytes, staged: Staged) -> int:
-        """Durably store this rank's own part; return its size in bytes."""
+    def _own_part_call(self, meta: PartMeta, hollow: bytes, staged: Staged) -> tuple[Callable[..., int], tuple]:
+        """``(fn, args)``: a picklable call (module-level ``fn``, plain-data ``args`` plus the
+        staging buffer) that durably stores this rank's own part, unpublished, and returns its
+        size in bytes. Run inline by a synchronous save, in a worker process by an async one."""
 
     @abstractmethod
     def _write_encoded(self, meta: PartMeta, prefix: bytes, buffer: Any) -> int:
-        """Durably store an encoded part (this rank's own, or a peer's received as bytes) given its
-        prefix and data buffer; return its size in bytes."""
+        """Durably store an encoded part (this rank's own, or a peer's received as bytes),
+        unpublished, given its prefix and data buffer; return its size in bytes. Thread-safe."""
+
+    @abstractmethod
+    def _is_stored(self, meta: PartMeta) -> bool:
+        """Whether the part ``meta`` names is stored, unpublished."""
+
+    @abstractmethod
+    def _publish(self, iteration: int, owners: list[int]) -> None:
+        """Make the unpublished parts of ``owners`` at ``iteration`` visible to find_latest/load,
+        durably. Raises CheckpointingException (or OSError) on failure."""
 
     @abstractmethod
     def _advertised_parts(self) -> dict[int, Advertised]:
@@ -117,7 +135,7 @@ class BaseCheckpointManager(ABC):
 
     @abstractmethod
     def _remove_iteration(self, iteration: int) -> None:
-        """Remove every part of ``iteration`` this rank holds (missing is fine)."""
+        """Remove every part of ``iteration`` this rank holds, published or not (missing is fine)."""
 
     @abstractmethod
     def _cleanup(self, keep: int) -> None:
@@ -144,13 +162,14 @@ class BaseCheckpointManager(ABC):
         if type(iteration) is not int or iteration < 0:
             raise ValueError(f"iteration must be a non-negative int, got {iteration!r}")
         latest = self.latest_iteration if self.latest_iteration is not None else self._newest_local_iteration()
+        latest = max([latest, *self._in_flight_iterations()])
         if iteration <= latest:
             raise CheckpointingException(
                 f"cannot save iteration {iteration} on rank {self.rank}: it is not newer than the "
                 f"latest checkpoint, iteration {latest}")
 
-    def _snapshot(self, sd: TensorAwareStateDict) -> tuple[bytes, Staged]:
-        """Hollow bytes and staged tensors of ``sd``; ``sd`` is left as it was."""
+    def _snapshot(self, sd: TensorAwareStateDict, pool: HostBufferPool) -> tuple[bytes, Staged]:
+        """Hollow bytes and staged tensors of ``sd`` (in a buffer of ``pool``); ``sd`` is left as it was."""
         tensors = sd.pop_tensors()
         try:
             try:
@@ -158,7 +177,7 @@ class BaseCheckpointManager(ABC):
             except Exception as e:
                 where = find_unpicklable(getattr(sd, "state_dict", None))
                 raise TypeError(f"state dict cannot be pickled{f' at entry {where!r}' if where else ''}: {e}") from e
-            staged = stage(tensors, self.pool)
+            staged = stage(tensors, pool)
         finally:
             sd.insert_tensors(tensors)
         return hollow, staged
@@ -182,84 +201,183 @@ class BaseCheckpointManager(ABC):
                     f"{got.world_size} where it expected rank {owner}, iteration {meta.iteration}")
         return parts
 
-    def save(self, ta_state_dict: TensorAwareStateDict, iteration: int, is_async: bool = False) -> None:
+    def save(self, ta_state_dict: TensorAwareStateDict, iteration: int,
+             is_async: bool = False) -> AsyncRequest | None:
         """Save this rank's part of ``iteration`` (and, with replication, the parts it holds for
         peers). Collective.
 
         A point-in-time snapshot: ``ta_state_dict`` is left as it was, and changing its tensors after
-        save returns does not change what was written. On success the iteration is published and
+        save returns does not change what is written. On success the iteration is published and
         every other iteration is removed (older ones, and newer ones left by an abandoned run), in
         the background, off the training thread's critical path; on failure on any rank, every rank
-        removes what it wrote for ``iteration``, the previous checkpoint stays, and every rank
+        removes what it stored for ``iteration``, the previous checkpoint stays, and every rank
         raises (the failing rank its own TypeError/ValueError/CheckpointingException, the others a
         CheckpointingException naming it).
+
+        ``is_async=True``: returns once the tensors are staged (and every rank has staged), with an
+        :class:`AsyncRequest` to schedule on an AsyncCallsQueue (persistent or not) or run with
+        ``execute_sync()``; the exchange with peers runs meanwhile in a background thread. The
+        request's finalize function publishes (collective; failures raise as above, from
+        ``maybe_finalize_async_calls``). At most ``max_saves_in_flight`` async saves are
+        unfinalized: a save beyond that, and every sync save, find_latest and load, first finalizes
+        the older ones through their queue (collective; raises if one failed). A request that was
+        never scheduled, or whose call failed, is dropped then and its files removed.
         """
-        if is_async:
-            raise ValueError("is_async=True is not supported yet: asynchronous saves are not implemented")
+        if type(is_async) is not bool:
+            raise TypeError(f"is_async must be a bool, got {type(is_async).__name__}")
+        self._settle(keep=self.max_saves_in_flight - 1 if is_async else 0)
         self.wait_for_cleanup()
-        stats = SaveStats(iteration=iteration)
+        job = self._begin_save(ta_state_dict, iteration, is_async)
+        if not is_async:
+            if self.repl_strategy is not None:
+                self._replicate_and_store(job)
+            if job.error is None:
+                t = time.perf_counter()
+                try:
+                    if job.prefix is not None:  # encoded for the exchange: written as sent
+                        job.stats.file_bytes += self._write_encoded(job.meta, job.prefix, job.staged.buffer)
+                    else:
+                        fn, args = self._own_part_call(job.meta, job.hollow, job.staged)
+                        job.stats.file_bytes += fn(*args)
+                except Exception as e:
+                    job.error = e
+                job.stats.write_s += time.perf_counter() - t
+            self._finalize_save(job)
+            return None
+        if self.repl_strategy is not None:
+            if self._replicator is None:
+                self._replicator = ThreadPoolExecutor(1, thread_name_prefix="tasd-replicate")
+            job.replication = self._replicator.submit(self._replicate_and_store, job)
+        fn, args = self._own_part_call(job.meta, job.hollow, job.staged)
+        job.finalize_fn = functools.partial(self._finalize_save, job)
+        self._pending.append(job)
+        job.stats.stall_s = time.perf_counter() - job.started
+        return AsyncRequest(fn, args, [job.finalize_fn])
+
+    def _begin_save(self, sd: TensorAwareStateDict, iteration: int, is_async: bool) -> SaveJob:
+        """Check the arguments and stage ``sd``. Agrees with every rank (one all_reduce) when a
+        rank failed, and always for async or replicated saves (peers wait for this part); raises
+        on every rank then, having released what it staged."""
         t0 = time.perf_counter()
         error: BaseException | None = None
-        staged: Staged | None = None
-        received: list[RawPart] = []
-        written = False
-        number = iteration if type(iteration) is int else -1
+        job: SaveJob | None = None
         try:
+            self._check_save_args(sd, iteration)
+            meta = self._meta(iteration)
+            hollow, staged = self._snapshot(sd, self.async_pool if is_async else self.pool)
+            owners = [self.rank] + ([] if self.repl_strategy is None
+                                    else sorted(self.repl_strategy.held_owners(self.rank, self.world_size)))
+            stats = SaveStats(iteration=iteration, stage_s=time.perf_counter() - t0,
+                              tensor_bytes=staged.buffer.numel(), is_async=is_async)
+            job = SaveJob(meta, hollow, staged, t0, owners, stats)
+        except Exception as e:
+            error = e
+        if error is not None or is_async or self.repl_strategy is not None:
             try:
-                self._check_save_args(ta_state_dict, iteration)
-                meta = self._meta(iteration)
-                hollow, staged = self._snapshot(ta_state_dict)
-                # With replication the part is encoded once: sent as is, and written as is.
-                prefix = None if self.repl_strategy is None else encode_prefix(meta, hollow, staged.layouts,
-                                                                               staged.buffer)
-                stats.stage_s, stats.tensor_bytes = time.perf_counter() - t0, staged.buffer.numel()
+                self._agree_or_raise(error, iteration if type(iteration) is int else -1,
+                                     f"save of iteration {iteration}")
+            except BaseException:
+                if job is not None:
+                    job.staged.release()
+                raise
+        return job
+
+    def _replicate_and_store(self, job: SaveJob) -> None:
+        """Encode this rank's part, exchange parts with peers on the strategy's process group and
+        store the received ones, unpublished. Records a failure in ``job.error`` instead of
+        raising (may run in the background thread)."""
+        t = time.perf_counter()
+        try:
+            job.prefix = encode_prefix(job.meta, job.hollow, job.staged.layouts, job.staged.buffer)
+            received = self._replicate(job.meta, job.prefix, job.staged)
+            t1 = time.perf_counter()
+            job.stats.exchange_s = t1 - t
+            try:
+                for part in received:
+                    job.stats.file_bytes += self._write_encoded(part.header.meta, part.prefix, part.buffer)
+            finally:
+                for part in received:
+                    self.pool.release(part.buffer)
+            job.stats.write_s += time.perf_counter() - t1
+        except Exception as e:
+            logger.debug("rank %d: replication of iteration %d failed: %s", self.rank, job.iteration, e)
+            job.error = e
+
+    def _finalize_save(self, job: SaveJob) -> None:
+        """Publish ``job``'s iteration once every rank stored its parts, then remove the others;
+        or remove what this rank stored of it and raise on every rank. Collective over the
+        manager's group: two all_reduces (stored everywhere? published everywhere?). Does nothing
+        for a job already finalized."""
+        if job.done:
+            return
+        t = time.perf_counter()
+        iteration, what = job.iteration, f"save of iteration {job.iteration}"
+        try:
+            if job.replication is not None:
+                job.replication.result()  # records its failure in job.error
+            error = job.error
+            if error is None and not self._is_stored(job.meta):
+                error = CheckpointingException(f"rank {self.rank}: its part of iteration {iteration} was not "
+                                               "stored (the async writer did not finish)")
+        finally:
+            job.staged.release()
+        if error is not None:
+            logger.debug("rank %d: save of iteration %d failed locally: %s", self.rank, iteration, error)
+        try:
+            self._agree_or_raise(error, iteration, what)
+            try:
+                self._publish(iteration, job.owners)
+                error = None
             except Exception as e:
                 error = e
-            if self.repl_strategy is not None:
-                # Peers wait for this rank's part: agree that every rank has one before exchanging.
-                self._agree_or_raise(error, number, f"save of iteration {iteration}")
-                t1 = time.perf_counter()
-                try:
-                    received = self._replicate(meta, prefix, staged)
-                except Exception as e:
-                    error = e
-                stats.exchange_s = time.perf_counter() - t1
-            t1 = time.perf_counter()
-            if error is None:
-                try:
-                    written = True
-                    stats.file_bytes = (self._write_part(meta, hollow, staged) if prefix is None
-                                        else self._write_encoded(meta, prefix, staged.buffer))
-                    stats.file_bytes += sum(self._write_encoded(p.header.meta, p.prefix, p.buffer) for p in received)
-                except Exception as e:
-                    error = e
-            stats.write_s = time.perf_counter() - t1
-        finally:
-            if staged is not None:
-                staged.release()
-            for part in received:
-                self.pool.release(part.buffer)
-        if error is not None:
-            logger.debug("rank %d: save of iteration %s failed locally: %s", self.rank, iteration, error)
-        t2 = time.perf_counter()
-        try:
-            error, failures = self._agree(error, number, f"save of iteration {iteration}")
-        except BaseException:
-            if written:
-                self._remove_iteration(iteration)
+            self._agree_or_raise(error, iteration, f"{what} (publishing)")
+        except BaseException as e:
+            job.done, job.failure = True, e
+            self._remove_iteration(iteration)
             raise
-        if failures:
-            if written:
-                self._remove_iteration(iteration)
-            _raise_agreed(failures, self.rank, error, f"save of iteration {iteration}")
+        job.done = True
         self.latest_iteration, self._latest_holders, self._unrecoverable = iteration, None, None
         self._cleanup(keep=iteration)
-        stats.finalize_s = time.perf_counter() - t2
-        stats.total_s = time.perf_counter() - t0
+        stats = job.stats
+        stats.finalize_s = time.perf_counter() - t
+        stats.total_s = time.perf_counter() - job.started
+        if not stats.is_async:
+            stats.stall_s = stats.total_s
         self.last_save = stats
-        logger.info("rank %d saved iteration %d: %d bytes, stage %.3fs exchange %.3fs write %.3fs finalize %.3fs",
-                    self.rank, iteration, stats.file_bytes, stats.stage_s, stats.exchange_s, stats.write_s,
+        logger.info("rank %d saved iteration %d%s: %d bytes, stall %.3fs (stage %.3fs) exchange %.3fs write "
+                    "%.3fs finalize %.3fs", self.rank, iteration, " asynchronously" if stats.is_async else "",
+                    stats.file_bytes, stats.stall_s, stats.stage_s, stats.exchange_s, stats.write_s,
                     stats.finalize_s)
+
+    def _settle(self, keep: int) -> None:
+        """Finalize unfinalized async saves, oldest first, until at most ``keep`` remain: through
+        the queue holding each one's call (collective; raises on every rank if it failed), or, for
+        a request that no queue holds (never scheduled, or its call failed and was dropped), by
+        dropping it: its background exchange is awaited and its files are removed (local)."""
+        while len(self._pending) > keep:
+            job = self._pending[0]
+            try:
+                found = None if job.done else queue_holding(job.finalize_fn)
+                if found is not None:
+                    queue, call_idx = found
+                    queue.finalize_through(call_idx)
+            finally:
+                if not job.done:
+                    self._drop(job)
+                self._pending.popleft()
+
+    def _drop(self, job: SaveJob) -> None:
+        if job.replication is not None:
+            job.replication.result()
+        job.staged.release()
+        self._remove_iteration(job.iteration)
+        job.done = True
+        logger.warning("rank %d: the async save of iteration %d was never finalized (not scheduled, or its "
+                       "call failed); its files were removed", self.rank, job.iteration)
+
+    def _in_flight_iterations(self) -> set[int]:
+        """Iterations of async saves not yet finalized (their unpublished files are in use)."""
+        return {job.iteration for job in self._pending if not job.done}
 
     def _agree(self, error: BaseException | None, iteration: int, what: str) -> tuple[BaseException | None, dict[int, str]]:
         """One all_reduce: did any rank fail, and did all ranks pass the same iteration? Returns the
@@ -287,7 +405,9 @@ class BaseCheckpointManager(ABC):
         """Newest iteration every rank can load (-1 if none): every owner rank's part verified on
         at least one rank. Collective: two all_gathers of small JSON, whatever the number of
         files. Parts that fail verification are skipped. Raises ReplicationMismatchError on every
-        rank when that iteration was saved with other replication settings."""
+        rank when that iteration was saved with other replication settings. Finalizes pending
+        async saves first (see save)."""
+        self._settle(keep=0)
         self.wait_for_cleanup()
         error: BaseException | None = None
         parts: dict[int, Advertised] = {}
@@ -332,7 +452,9 @@ class BaseCheckpointManager(ABC):
         holding a replica (senders are spread so no rank serves many). Calls find_latest first
         unless it ran since the last save. Collective. Raises on every rank if any rank fails:
         NoReplicasAvailableError when some rank's part exists nowhere, CheckpointingException when
-        there is no checkpoint at all. May be called more than once."""
+        there is no checkpoint at all. May be called more than once. Finalizes pending async
+        saves first (see save)."""
+        self._settle(keep=0)
         self.wait_for_cleanup()
         if self._latest_holders is None:
             self.find_latest()

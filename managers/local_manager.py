@@ -1,7 +1,10 @@
 """LocalCheckpointManager: parts as files on node-local storage, one directory per rank.
 
 Directory: ``root_local_ckpt_dir / session_id / str(rank)``; file of owner rank ``o`` at iteration
-``i``: ``iter_{i:07d}_{o}_local.tasd`` (``.dirty`` while being written).
+``i``: ``iter_{i:07d}_{o}_local.tasd``. A save stores parts as ``<name>.pending`` (written as
+``<name>.pending.dirty``, fsync'd, renamed) and publishes them by renaming to ``<name>`` once every
+rank stored its parts; only published names count for find_latest and load. Leftover ``.pending``
+and ``.dirty`` files of an interrupted save are removed by the next scan.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from typing import Any, Callable
 from tasd.managers.base_manager import Advertised, BaseCheckpointManager
 from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
 from tasd.managers.fileformat import DIRTY_SUFFIX, LoadedPart, PartMeta, RawPart
-from tasd.managers.partio import read_part, read_raw_part, verify_part, write_encoded, write_part
+from tasd.managers.partio import fsync_dir, read_part, read_raw_part, verify_part, write_encoded, write_part
 from tasd.staging import HostBufferPool, Staged
 
 logger = logging.getLogger(__name__)
 
-_PART_RE = re.compile(r"^iter_(\d{7,})_(\d+)_local\.tasd$")
+_PART_RE = re.compile(r"^iter_(\d{7,})_(\d+)_local\.tasd((?:\.pending)?(?:\.dirty)?)$")
+PENDING_SUFFIX = ".pending"
 
 
 def part_name(iteration: int, owner: int) -> str:
@@ -37,6 +41,13 @@ def check_session_id(session_id: Any) -> str:
     return session_id
 
 
+def store_own_part(path: str, meta: PartMeta, hollow: bytes, buffer: Any, layouts: list, direct_io: bool) -> int:
+    """Write this rank's own part to ``path`` (see :func:`tasd.managers.partio.write_part`); the
+    async_fn of LocalCheckpointManager's async requests, run in a worker process. Returns the
+    file size; raises OSError (and the part is not stored) on failure."""
+    return write_part(Path(path), meta, hollow, buffer, layouts, direct_io=direct_io)
+
+
 def _unlink_all(paths: list[Path]) -> None:
     for path in paths:
         try:
@@ -50,16 +61,20 @@ class LocalCheckpointManager(BaseCheckpointManager):
 
     ``repl_strategy``: a tasd.managers.replication strategy (each rank then also stores its peers'
     parts, files named by their owner rank) or None. Options: ``group`` (process group, default the
-    world), ``pool`` (a HostBufferPool for staging, default the process-wide one), ``direct_io``
+    world), ``pool`` (a HostBufferPool for staging, default the process-wide one), ``async_pool``
+    (a shared-memory HostBufferPool for async saves, default the process-wide one),
+    ``max_saves_in_flight`` (unfinalized async saves allowed, default 1; see save), ``direct_io``
     (write the bulk with O_DIRECT where supported, default True). Unknown options raise TypeError.
     """
 
     def __init__(self, root_local_ckpt_dir: str | os.PathLike, session_id: str = "",
                  repl_strategy: Any = None, *, group: Any = None, pool: HostBufferPool | None = None,
+                 async_pool: HostBufferPool | None = None, max_saves_in_flight: int = 1,
                  direct_io: bool = True, **options: Any):
         if options:
             raise TypeError(f"unknown LocalCheckpointManager option(s): {', '.join(sorted(options))}")
-        super().__init__(check_session_id(session_id), repl_strategy=repl_strategy, group=group, pool=pool)
+        super().__init__(check_session_id(session_id), repl_strategy=repl_strategy, group=group, pool=pool,
+                         async_pool=async_pool, max_saves_in_flight=max_saves_in_flight)
         self.root = Path(root_local_ckpt_dir)
         self.local_ckpt_dir = self.root / session_id / str(self.rank)
         self.direct_io = direct_io
@@ -84,40 +99,51 @@ class LocalCheckpointManager(BaseCheckpointManager):
         return st.st_ino, st.st_size, st.st_mtime_ns
 
     def _scan(self) -> dict[tuple[int, int], Path]:
-        """Parts with final names in this rank's directory; stale ``.dirty`` files are removed."""
+        """Published parts in this rank's directory, by (iteration, owner). Unpublished and
+        ``.dirty`` files of saves not in flight are removed (left by an interrupted save)."""
         found: dict[tuple[int, int], Path] = {}
         if not self.local_ckpt_dir.is_dir():
             return found
+        in_flight = self._in_flight_iterations()
         for entry in os.scandir(self.local_ckpt_dir):
-            if entry.name.endswith(DIRTY_SUFFIX):
+            m = _PART_RE.match(entry.name)
+            if m and not m.group(3):
+                found[(int(m.group(1)), int(m.group(2)))] = Path(entry.path)
+            elif (m and int(m.group(1)) not in in_flight) or (not m and entry.name.endswith(DIRTY_SUFFIX)):
                 logger.warning("removing %s left by an interrupted save", entry.path)
                 Path(entry.path).unlink(missing_ok=True)
-                continue
-            m = _PART_RE.match(entry.name)
-            if m:
-                found[(int(m.group(1)), int(m.group(2)))] = Path(entry.path)
         return found
 
     # -- storage hooks ---------------------------------------------------------------------------
-    def _store(self, meta: PartMeta, write: Callable[[Path], int]) -> int:
-        """Write the part ``meta`` names with ``write(path)`` and remember it as verified."""
-        self._prefetched = None
-        self.local_ckpt_dir.mkdir(parents=True, exist_ok=True)
-        path = self._path(meta.iteration, meta.owner_rank)
-        try:
-            size = write(path)
-        except OSError as e:
-            raise CheckpointingException(f"rank {self.rank} could not write {path}: {e}") from e
-        self._verified[path] = (self._identity(path), meta.replication)
-        return size
+    def _pending_path(self, iteration: int, owner: int) -> Path:
+        return self._path(iteration, owner).with_name(part_name(iteration, owner) + PENDING_SUFFIX)
 
-    def _write_part(self, meta: PartMeta, hollow: bytes, staged: Staged) -> int:
-        return self._store(meta, lambda path: write_part(path, meta, hollow, staged.buffer, staged.layouts,
-                                                         direct_io=self.direct_io))
+    def _own_part_call(self, meta: PartMeta, hollow: bytes, staged: Staged) -> tuple[Callable[..., int], tuple]:
+        self.local_ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path = self._pending_path(meta.iteration, meta.owner_rank)
+        return store_own_part, (str(path), meta, hollow, staged.buffer, staged.layouts, self.direct_io)
 
     def _write_encoded(self, meta: PartMeta, prefix: bytes, buffer: Any) -> int:
-        return self._store(meta, lambda path: write_encoded(path, len(prefix), buffer, prefix,
-                                                            direct_io=self.direct_io))
+        self.local_ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path = self._pending_path(meta.iteration, meta.owner_rank)
+        try:
+            return write_encoded(path, len(prefix), buffer, prefix, direct_io=self.direct_io)
+        except OSError as e:
+            raise CheckpointingException(f"rank {self.rank} could not write {path}: {e}") from e
+
+    def _is_stored(self, meta: PartMeta) -> bool:
+        return self._pending_path(meta.iteration, meta.owner_rank).is_file()
+
+    def _publish(self, iteration: int, owners: list[int]) -> None:
+        self._prefetched = None
+        for owner in owners:
+            path = self._path(iteration, owner)
+            try:
+                os.rename(self._pending_path(iteration, owner), path)
+            except OSError as e:
+                raise CheckpointingException(f"rank {self.rank} could not publish {path}: {e}") from e
+            self._verified[path] = (self._identity(path), self.replication)
+        fsync_dir(self.local_ckpt_dir)
 
     def _is_unchanged(self, path: Path, identity: tuple[int, int, int] | None) -> bool:
         try:
@@ -180,10 +206,13 @@ class LocalCheckpointManager(BaseCheckpointManager):
             raise CheckpointingException(f"rank {self.rank} could not read {path}: {e}") from e
 
     def _remove_iteration(self, iteration: int) -> None:
-        for (it, _), path in self._scan().items():
-            if it == iteration:
-                path.unlink(missing_ok=True)
-                self._verified.pop(path, None)
+        if not self.local_ckpt_dir.is_dir():
+            return
+        for entry in os.scandir(self.local_ckpt_dir):
+            m = _PART_RE.match(entry.name)
+            if m and int(m.group(1)) == iteration:
+                Path(entry.path).unlink(missing_ok=True)
+                self._verified.pop(Path(entry.path), None)
 
     def _cleanup(self, keep: int) -> None:
         doomed = [path for (iteration, _), path in self._scan().items() if iteration != keep]

@@ -6,9 +6,13 @@ machines (CUDA is optional) and uses pinned memory and device syncs when CUDA is
 
 from __future__ import annotations
 
+import logging
 import mmap
+import weakref
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 #: Alignment of every host buffer handed out by :func:`empty_host` (and of tensor offsets in
 #: files): large enough for O_DIRECT on common block devices.
@@ -39,14 +43,35 @@ def should_pin() -> bool:
     return cuda_available()
 
 
-def empty_host(nbytes: int, pin: bool | None = None) -> torch.Tensor:
+def _register_pinned(t: torch.Tensor) -> None:
+    """Page-lock the memory of ``t`` for fast device copies (cudaHostRegister), unregistered when
+    ``t`` is garbage-collected. Falls back to pageable memory, with a warning, if CUDA refuses."""
+    cudart = torch.cuda.cudart()
+    ptr, nbytes = t.data_ptr(), t.numel()
+    err = cudart.cudaHostRegister(ptr, nbytes, 0)
+    if int(err) != 0:
+        logger.warning("cudaHostRegister of a %d-byte shared buffer failed (%s): device copies into it "
+                       "will be slower", nbytes, err)
+        return
+    weakref.finalize(t, cudart.cudaHostUnregister, ptr)
+
+
+def empty_host(nbytes: int, pin: bool | None = None, shared: bool = False) -> torch.Tensor:
     """A 1-D uint8 host tensor of ``nbytes`` whose data pointer is HOST_ALIGNMENT-aligned.
 
-    Pinned when ``pin`` (default: :func:`should_pin`). Not zeroed.
+    Pinned when ``pin`` (default: :func:`should_pin`). ``shared``: in shared memory (torch's
+    ``share_memory_()``, backed by /dev/shm), so that handing it to a worker process through a
+    multiprocessing queue passes a file descriptor instead of copying the bytes; pinned then with
+    cudaHostRegister. Not zeroed.
     """
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
     pin = should_pin() if pin is None else pin
+    if shared:
+        t = torch.empty(max(nbytes, 1), dtype=torch.uint8).share_memory_()[:nbytes]  # page-aligned mapping
+        if pin and nbytes:
+            _register_pinned(t)
+        return t
     if not pin and nbytes >= _POPULATE_MIN_BYTES:
         # Page-aligned anonymous memory, faulted in by the kernel in one go (MAP_POPULATE): on
         # VMs, first-touch page faults otherwise cost more than the copy or read that fills it.

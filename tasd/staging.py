@@ -85,14 +85,16 @@ class HostBufferPool:
     first. ``max_pooled_bytes=None`` bounds the pool by what its users needed at once: the larger of
     the peak bytes in use and twice the largest buffer (double buffering of one layout). A save with
     replication factor F holds F buffers at once (its own part and F-1 received ones), so they are
-    all kept. Thread-safe. Pinned when CUDA is present (``pin``).
+    all kept. Thread-safe. Pinned when CUDA is present (``pin``). ``shared``: buffers live in
+    shared memory (see :func:`tasd.device.empty_host`), for handing to worker processes.
     """
 
-    def __init__(self, max_pooled_bytes: int | None = None, pin: bool | None = None):
+    def __init__(self, max_pooled_bytes: int | None = None, pin: bool | None = None, shared: bool = False):
         if max_pooled_bytes is not None and max_pooled_bytes < 0:
             raise ValueError(f"max_pooled_bytes must be >= 0, got {max_pooled_bytes}")
         self.max_pooled_bytes = max_pooled_bytes
         self.pin = pin
+        self.shared = shared
         self._lock = threading.Lock()
         self._free: OrderedDict[int, torch.Tensor] = OrderedDict()  # data_ptr -> buffer, oldest first
         self._in_use: dict[int, torch.Tensor] = {}
@@ -126,7 +128,7 @@ class HostBufferPool:
                     self.reuses += 1
                     self._note_peak()
                     return buf
-        buf = device.empty_host(nbytes, pin=self.pin)
+        buf = device.empty_host(nbytes, pin=self.pin, shared=self.shared)
         with self._lock:
             self.allocations += 1
             self.allocated_bytes += nbytes
@@ -163,17 +165,16 @@ class HostBufferPool:
             self._free.clear()
 
 
-_default_pool: HostBufferPool | None = None
+_default_pools: dict[bool, HostBufferPool] = {}
 _default_lock = threading.Lock()
 
 
-def default_pool() -> HostBufferPool:
-    """The process-wide pool used when no pool is given."""
-    global _default_pool
+def default_pool(shared: bool = False) -> HostBufferPool:
+    """The process-wide pool used when no pool is given (one of private memory, one of shared)."""
     with _default_lock:
-        if _default_pool is None:
-            _default_pool = HostBufferPool()
-        return _default_pool
+        if shared not in _default_pools:
+            _default_pools[shared] = HostBufferPool(shared=shared)
+        return _default_pools[shared]
 
 
 @dataclass

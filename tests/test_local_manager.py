@@ -163,25 +163,31 @@ def test_failure_on_one_rank_raises_everywhere_and_keeps_previous(ranks, tmp_pat
     assert loaded0 == (1, (1, 0, SESSION)) and loaded1 == (1, (1, 1, SESSION))
 
 
-def crash_before_rename(rank, world, root):
+def crash_before_publish(rank, world, root, where):
     m = LocalCheckpointManager(root, SESSION)
     m.save(BasicTensorAwareStateDict(rank_state(rank, 1)), 1)
     if rank == 1:
         def die(*a, **k):
-            os._exit(17)  # the node dies after writing the .dirty file, before publishing it
-        partio.os.rename = die
+            os._exit(17)  # the node dies before its part of iteration 2 is published
+        if where == "write":  # after writing the .dirty file, before renaming it
+            partio.os.rename = die
+        else:  # after storing the part unpublished, before publishing it
+            LocalCheckpointManager._publish = die
     m.save(BasicTensorAwareStateDict(rank_state(rank, 2)), 2)
 
 
-def test_crash_between_write_and_rename_keeps_previous_checkpoint(tmp_path):
+@pytest.mark.parametrize("where,leftover", [("write", "iter_0000002_1_local.tasd.pending.dirty"),
+                                            ("publish", "iter_0000002_1_local.tasd.pending")])
+def test_crash_before_publishing_keeps_previous_checkpoint(tmp_path, where, leftover):
     from tasd.launch import run_ranks
     with pytest.raises(RankFailure) as info:
-        run_ranks(crash_before_rename, 2, tmp_path, collective_timeout_s=5, timeout_s=60)
+        run_ranks(crash_before_publish, 2, tmp_path, where, collective_timeout_s=5, timeout_s=60)
     assert set(info.value.failures) == {0, 1}, "the survivor's collective fails instead of hanging"
     assert "exit code 17" in info.value.failures[1]
-    assert (tmp_path / SESSION / "1" / "iter_0000002_1_local.tasd.dirty").exists()
+    assert (tmp_path / SESSION / "1" / leftover).exists()
+    assert part_files(tmp_path, 0) == ["iter_0000001_0_local.tasd"], "the survivor removed what it stored"
     assert run_ranks(load_latest, 2, tmp_path, timeout_s=60) == [(1, (1, r, SESSION)) for r in range(2)]
-    assert part_files(tmp_path, 1) == ["iter_0000001_1_local.tasd"], "the stale .dirty file is removed"
+    assert part_files(tmp_path, 1) == ["iter_0000001_1_local.tasd"], "the stale file is removed"
 
 
 # -- staging reuse, validation, world size ------------------------------------------------------

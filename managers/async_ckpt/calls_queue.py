@@ -81,7 +81,22 @@ class AsyncCallsQueue:
         self._calls.popleft()
         caller.retire(idx)
 
-    def maybe_finalize_async_calls(self, blocking: bool = False, no_dist: bool = False) -> list[int]:
+    def holds(self, finalize_fn: Any) -> int | None:
+        """Index of the unfinalized call whose finalize functions include ``finalize_fn`` (by
+        identity), or None. Local."""
+        for idx, _, req in self._calls:
+            if any(fn is finalize_fn for fn in req.finalize_fns):
+                return idx
+        return None
+
+    def finalize_through(self, call_idx: int, no_dist: bool = False) -> list[int]:
+        """Finalize every call up to and including ``call_idx``, waiting for them (collective
+        unless ``no_dist``; raises like :meth:`maybe_finalize_async_calls`). Returns the
+        finalized indices."""
+        return self.maybe_finalize_async_calls(blocking=True, no_dist=no_dist, _through=call_idx)
+
+    def maybe_finalize_async_calls(self, blocking: bool = False, no_dist: bool = False,
+                                   _through: int | None = None) -> list[int]:
         """Finalize finished calls, oldest first, running each call's finalize functions; stop at
         the first call not finished (on any rank, unless ``no_dist``). ``blocking`` waits for every
         scheduled call. Returns the finalized call indices.
@@ -95,7 +110,7 @@ class AsyncCallsQueue:
         ``no_dist=True``: local; only this rank's failure raises. Exceptions from finalize
         functions propagate on the rank that raised them."""
         finalized: list[int] = []
-        while self._calls:
+        while self._calls and (_through is None or self._calls[0][0] <= _through):
             idx, caller, req = self._calls[0]
             done, err = self._poll(caller, idx, blocking)
             failed = done and err is not None
@@ -154,6 +169,16 @@ class AsyncCallsQueue:
     def abort(self) -> None:
         """``close(abort=True)``: local, never raises for pending calls."""
         self.close(abort=True)
+
+
+def queue_holding(finalize_fn: Any) -> tuple[AsyncCallsQueue, int] | None:
+    """The live queue (and call index) whose unfinalized call has ``finalize_fn`` among its
+    finalize functions, or None (never scheduled, already finalized, or dropped). Local."""
+    for q in list(_live_queues):
+        idx = q.holds(finalize_fn)
+        if idx is not None:
+            return q, idx
+    return None
 
 
 def abort_async_checkpoints() -> int:
