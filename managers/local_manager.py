@@ -48,12 +48,16 @@ def store_own_part(path: str, meta: PartMeta, hollow: bytes, buffer: Any, layout
     return write_part(Path(path), meta, hollow, buffer, layouts, direct_io=direct_io)
 
 
+def _unlink(path: Path, what: str) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:  # left for the next cleanup, which scans again
+        logger.warning("could not remove %s %s: %s", what, path, e)
+
+
 def _unlink_all(paths: list[Path]) -> None:
     for path in paths:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as e:  # left for the next cleanup, which scans again
-            logger.warning("could not remove superseded checkpoint part %s: %s", path, e)
+        _unlink(path, "superseded checkpoint part")
 
 
 class LocalCheckpointManager(BaseCheckpointManager):
@@ -111,7 +115,7 @@ class LocalCheckpointManager(BaseCheckpointManager):
                 found[(int(m.group(1)), int(m.group(2)))] = Path(entry.path)
             elif (m and int(m.group(1)) not in in_flight) or (not m and entry.name.endswith(DIRTY_SUFFIX)):
                 logger.warning("removing %s left by an interrupted save", entry.path)
-                Path(entry.path).unlink(missing_ok=True)
+                _unlink(Path(entry.path), "leftover of an interrupted save")
         return found
 
     # -- storage hooks ---------------------------------------------------------------------------
@@ -211,7 +215,7 @@ class LocalCheckpointManager(BaseCheckpointManager):
         for entry in os.scandir(self.local_ckpt_dir):
             m = _PART_RE.match(entry.name)
             if m and int(m.group(1)) == iteration:
-                Path(entry.path).unlink(missing_ok=True)
+                _unlink(Path(entry.path), "part of a failed save")
                 self._verified.pop(Path(entry.path), None)
 
     def _cleanup(self, keep: int) -> None:
