@@ -113,8 +113,8 @@ class BaseCheckpointManager(ABC):
         unpublished, given its prefix and data buffer; return its size in bytes. Thread-safe."""
 
     @abstractmethod
-    def _is_stored(self, meta: PartMeta) -> bool:
-        """Whether the part ``meta`` names is stored, unpublished."""
+    def _stored_size(self, meta: PartMeta) -> int | None:
+        """Size in bytes of the part ``meta`` names, stored unpublished; None if it is not."""
 
     @abstractmethod
     def _publish(self, iteration: int, owners: list[int]) -> None:
@@ -316,9 +316,12 @@ class BaseCheckpointManager(ABC):
             if job.replication is not None:
                 job.replication.result()  # records its failure in job.error
             error = job.error
-            if error is None and not self._is_stored(job.meta):
+            size = self._stored_size(job.meta) if error is None else None
+            if error is None and size is None:
                 error = CheckpointingException(f"rank {self.rank}: its part of iteration {iteration} was not "
                                                "stored (the async writer did not finish)")
+            elif job.stats.is_async:
+                job.stats.file_bytes += size  # written by the request's async_fn
         finally:
             job.staged.release()
         if error is not None:

@@ -135,8 +135,11 @@ class LocalCheckpointManager(BaseCheckpointManager):
         except OSError as e:
             raise CheckpointingException(f"rank {self.rank} could not write {path}: {e}") from e
 
-    def _is_stored(self, meta: PartMeta) -> bool:
-        return self._pending_path(meta.iteration, meta.owner_rank).is_file()
+    def _stored_size(self, meta: PartMeta) -> int | None:
+        try:
+            return self._pending_path(meta.iteration, meta.owner_rank).stat().st_size
+        except FileNotFoundError:
+            return None
 
     def _publish(self, iteration: int, owners: list[int]) -> None:
         self._prefetched = None

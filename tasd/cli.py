@@ -22,7 +22,8 @@ def _positive_int(text: str) -> int:
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo", help="save, crash, restart and resume a small multi-rank CPU job",
-        description="Train a tiny DDP model on N gloo ranks (processes) on CPU, save local checkpoints, "
+        description="Train a tiny DDP model on N gloo ranks (processes) on CPU, save local checkpoints "
+                    "(asynchronously by default: training stalls only while tensors are staged), "
                     "restart in fresh processes, load, and check model, optimizer and resumed training "
                     "bitwise against the original run.")
     p.add_argument("--ranks", type=_positive_int, default=4, help="number of ranks (default: 4)")
@@ -37,6 +38,9 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lose-rank", type=int, default=None,
                    help="rank whose node is lost before the restart (default: the last rank, with replication)")
     p.add_argument("--no-node-loss", action="store_true", help="restart without losing a node")
+    p.add_argument("--save-mode", choices=("async-persistent", "async-temporal", "sync"), default="async-persistent",
+                   help="async saves on a persistent worker (default) or a process forked per save, or "
+                        "synchronous saves")
     p.set_defaults(handler=_run_demo, parser=p)
 
 
@@ -52,7 +56,8 @@ def _run_demo(args: argparse.Namespace) -> int:
                                         replication_jump=args.replication_jump)
     return run_demo(ranks=args.ranks, steps=args.steps, save_every=args.save_every, directory=args.dir,
                     keep=args.keep, replication=replication,
-                    lose_rank=None if args.no_node_loss else (-1 if args.lose_rank is None else args.lose_rank))
+                    lose_rank=None if args.no_node_loss else (-1 if args.lose_rank is None else args.lose_rank),
+                    save_mode=args.save_mode)
 
 
 # -- tasd inspect -------------------------------------------------------------------------------

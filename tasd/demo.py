@@ -3,17 +3,21 @@
 Each rank is a process (``tasd.launch.run_ranks``, gloo) with a ``LocalCheckpointManager`` whose
 directory ``<root>/demo/<rank>`` stands for that node's local disk.
 
-1. ``train_phase``: every rank builds the same tiny model and trains it data-parallel with Adam on synthetic data drawn from a ``torch.Generator`` seeded by (step, rank). Every
-   ``save_every`` steps it saves model, optimizer, iteration and RNG state. Training goes on
-   ``LOST_STEPS`` steps past the last save, work a real failure would lose. Each rank returns its
-   save statistics and snapshots of its state at the last checkpoint and at the final step.
+1. ``train_phase``: every rank builds the same tiny model and trains it data-parallel with Adam on
+   synthetic data drawn from a ``torch.Generator`` seeded by (step, rank). Every ``save_every``
+   steps it saves model, optimizer, iteration and RNG state: asynchronously by default (``save``
+   returns once the tensors are staged, the request runs on an AsyncCallsQueue while training
+   goes on, and each step finalizes finished saves without blocking), or synchronously. Training
+   goes on ``LOST_STEPS`` steps past the last save, work a real failure would lose. Each rank
+   returns its save statistics (the training stall of each save and its total time) and snapshots
+   of its state at the last checkpoint and at the final step.
 2. ``restart_phase``: fresh processes and managers (nothing kept in memory) call ``find_latest``
    and ``load``, restore a freshly built model and optimizer, check them bitwise against the
    snapshot taken at the checkpoint, redo the lost steps and check the result bitwise against the
    final snapshot (same world size, same data, gloo: training is deterministic).
 
 ``run_demo`` runs both phases and prints a report with rich. Phases are separate functions so later
-scenarios (losing a node's directory, asynchronous saves) can slot in between them.
+scenarios (losing a node's directory) slot in between them.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from rich.table import Table
 from tasd.basic import BasicTensorAwareStateDict
 from tasd.launch import RankFailure, run_ranks
 from tasd.managers import LocalCheckpointManager, ReplicationConfig
+from tasd.managers.async_ckpt import AsyncCallsQueue, AsyncRequest
 
 SESSION = "demo"
+SAVE_MODES = ("async-persistent", "async-temporal", "sync")
 LOST_STEPS = 2  # steps trained after the last checkpoint, lost in the "crash"
 _BATCH, _IN, _HIDDEN, _OUT = 16, 32, 64, 8
 
@@ -89,23 +95,44 @@ def _manager(root: str, replication: dict | None) -> LocalCheckpointManager:
 
 
 def train_phase(rank: int, world_size: int, root: str, steps: int, save_every: int,
-                replication: dict | None) -> dict:
-    """Phase 1 on one rank: train ``steps + LOST_STEPS`` steps, saving every ``save_every``."""
+                replication: dict | None, save_mode: str = "async-persistent") -> dict:
+    """Phase 1 on one rank: train ``steps + LOST_STEPS`` steps, saving every ``save_every``
+    (``save_mode``: one of SAVE_MODES)."""
     torch.set_num_threads(1)
     model, opt = _build()
     manager = _manager(root, replication)
-    saves, at_ckpt = [], None
+    queue = None if save_mode == "sync" else AsyncCallsQueue(persistent=save_mode == "async-persistent")
+    if queue is not None and queue.persistent:
+        # Start the persistent worker while the job sets up (a real job's saves are minutes apart;
+        # here they are milliseconds apart, and a second save waits for the first to finish).
+        queue.schedule_async_request(AsyncRequest(None, (), []))
+        queue.maybe_finalize_async_calls(blocking=True)
+    saves, stalls, at_ckpt = [], {}, None
+
+    def record() -> None:  # runs when a save is published
+        stats = asdict(manager.last_save)
+        stats.pop("extra", None)
+        saves.append({**stats, "stall_s": stalls[stats["iteration"]]})
+
     for step in range(1, steps + LOST_STEPS + 1):
         _train_step(model, opt, step, rank)
+        if queue is not None:
+            queue.maybe_finalize_async_calls(blocking=False)
         if step <= steps and step % save_every == 0:
             sd = BasicTensorAwareStateDict({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                             "iteration": step, "rng": torch.get_rng_state()})
             t0 = time.perf_counter()
-            manager.save(sd, iteration=step)
-            stats = asdict(manager.last_save)
-            stats.pop("extra", None)
-            saves.append({**stats, "wall_s": time.perf_counter() - t0})
+            request = manager.save(sd, iteration=step, is_async=queue is not None)
+            if queue is not None:
+                request.add_finalize_fn(record)
+                queue.schedule_async_request(request)
+            stalls[step] = time.perf_counter() - t0  # the time training waited for this save
+            if queue is None:
+                record()
             at_ckpt = _snapshot(model, opt, step)
+    if queue is not None:
+        queue.maybe_finalize_async_calls(blocking=True)
+        queue.close()
     return {"rank": rank, "saves": saves, "at_ckpt": at_ckpt,
             "final": _snapshot(model, opt, steps + LOST_STEPS),
             "ckpt_dir": str(manager.local_ckpt_dir)}
@@ -143,18 +170,21 @@ def restart_phase(rank: int, world_size: int, root: str, expected: list[dict], r
             "verified": not problems, "problems": problems}
 
 
-def _train_table(results: list[dict]) -> Table:
-    t = Table(title="phase 1: train and save")
-    for col in ("rank", "saved iterations", "bytes/ckpt (own + replicas)", "save s (mean)", "exchange s (mean)",
-                "save s (max)"):
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))
+
+
+def _train_table(results: list[dict], save_mode: str) -> Table:
+    t = Table(title=f"phase 1: train and save ({save_mode})")
+    for col in ("rank", "saved iterations", "bytes/ckpt (own + replicas)", "training stall s (mean)",
+                "stall s (max)", "save total s (mean)", "exchange s (mean)"):
         t.add_column(col, justify="left" if col == "saved iterations" else "right")
     for r in results:
         s = r["saves"]
-        totals = [x["total_s"] for x in s] or [0.0]
         t.add_row(str(r["rank"]), ", ".join(str(x["iteration"]) for x in s) or "-",
                   f"{s[-1]['file_bytes']:,}" if s else "-",
-                  f"{sum(totals) / len(totals):.4f}",
-                  f"{sum(x['exchange_s'] for x in s) / max(1, len(s)):.4f}", f"{max(totals):.4f}")
+                  f"{_mean([x['stall_s'] for x in s]):.4f}", f"{max([x['stall_s'] for x in s], default=0):.4f}",
+                  f"{_mean([x['total_s'] for x in s]):.4f}", f"{_mean([x['exchange_s'] for x in s]):.4f}")
     return t
 
 
@@ -171,11 +201,16 @@ def _restart_table(results: list[dict]) -> Table:
 
 def run_demo(ranks: int = 4, steps: int = 12, save_every: int = 4, directory: str | None = None,
              keep: bool = False, replication: ReplicationConfig | None = ReplicationConfig(),
-             lose_rank: int | None = -1, console: Console | None = None) -> int:
+             lose_rank: int | None = -1, console: Console | None = None,
+             save_mode: str = "async-persistent") -> int:
     """Run both phases and print the report; 0 on success, 1 on failure. Between the phases the
     node of ``lose_rank`` is lost (its directory deleted; -1: the last rank, None: no loss).
+    ``save_mode``: one of SAVE_MODES.
     Checkpoints are removed afterwards unless ``keep`` or the run failed."""
     console = console or Console()
+    if save_mode not in SAVE_MODES:
+        console.print(f"[red]save mode must be one of {', '.join(SAVE_MODES)}, got {save_mode!r}[/]")
+        return 1
     if ranks < 1 or save_every < 1 or steps < save_every:
         console.print("[red]demo needs ranks >= 1 and steps >= save-every >= 1[/]")
         return 1
@@ -196,13 +231,13 @@ def run_demo(ranks: int = 4, steps: int = 12, save_every: int = 4, directory: st
         console.print(f"[red]{session_dir} already holds files: remove it or choose another --dir[/]")
         return 1
     console.print(f"tasd demo: {ranks} ranks (gloo, CPU), {steps} steps (+{LOST_STEPS} lost), "
-                  f"checkpoint every {save_every} steps, replication: "
+                  f"checkpoint every {save_every} steps ({save_mode} saves), replication: "
                   f"{replication.describe() if replication else 'none'}, in {session_dir}")
     ok = False
     try:
         t0 = time.perf_counter()
-        trained = run_ranks(train_phase, ranks, str(root), steps, save_every, settings)
-        console.print(_train_table(trained))
+        trained = run_ranks(train_phase, ranks, str(root), steps, save_every, settings, save_mode)
+        console.print(_train_table(trained, save_mode))
         console.print(f"phase 1 took {time.perf_counter() - t0:.1f}s; the job now \"crashes\": "
                       f"steps after iteration {trained[0]['saves'][-1]['iteration']} are lost")
         if lose_rank is not None:

@@ -19,6 +19,7 @@ def test_demo_loses_a_node_restarts_and_resumes_bit_exactly(tmp_path):
     text = " ".join(out.stdout.split())
     assert out.returncode == 0, out.stdout + out.stderr
     assert "replication: ring, factor 2, jump 1" in text and "node of rank 2 lost" in text
+    assert "async-persistent saves" in text and "training stall s" in text and "save total s" in text
     assert "demo OK: restored iteration 4 on 3 ranks (rank 2's part recovered from a peer)" in text
     assert sorted(p.name for p in (tmp_path / "demo" / "1").iterdir()) == [
         "iter_0000004_0_local.tasd", "iter_0000004_1_local.tasd"], "own part and rank 0's replica"
@@ -29,9 +30,13 @@ def test_demo_loses_a_node_restarts_and_resumes_bit_exactly(tmp_path):
 
 
 def test_demo_without_replication_or_node_loss(tmp_path):
-    out = run_cli("demo", "--ranks", "2", "--steps", "2", "--save-every", "2", "--replication", "none",
-                  "--dir", str(tmp_path))
-    assert out.returncode == 0 and "demo OK: restored iteration 2 on 2 ranks, model" in " ".join(out.stdout.split())
+    out = run_cli("demo", "--ranks", "2", "--steps", "4", "--save-every", "2", "--replication", "none",
+                  "--save-mode", "async-temporal", "--dir", str(tmp_path / "a"))
+    assert out.returncode == 0 and "demo OK: restored iteration 4 on 2 ranks, model" in " ".join(out.stdout.split())
+    out = run_cli("demo", "--ranks", "2", "--steps", "2", "--save-every", "2", "--save-mode", "sync",
+                  "--dir", str(tmp_path / "s"))
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0 and "(sync saves)" in text and "demo OK: restored iteration 2 on 2 ranks" in text
 
 
 def test_bad_arguments_exit_with_usage_error():
