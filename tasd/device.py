@@ -56,6 +56,16 @@ def _register_pinned(t: torch.Tensor) -> None:
     weakref.finalize(t, cudart.cudaHostUnregister, ptr)
 
 
+def _empty_shared(nbytes: int) -> torch.Tensor:
+    """Uninitialized shared memory, allocated there directly (``share_memory_()`` on a fresh tensor
+    would allocate, fault and copy twice the bytes). Page-aligned."""
+    size = max(nbytes, 1)
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is None:  # not in this torch: the public, slower way
+        return torch.empty(size, dtype=torch.uint8).share_memory_()[:nbytes]
+    return torch.empty(0, dtype=torch.uint8).set_(new_shared(size), 0, (nbytes,), (1,))
+
+
 def empty_host(nbytes: int, pin: bool | None = None, shared: bool = False) -> torch.Tensor:
     """A 1-D uint8 host tensor of ``nbytes`` whose data pointer is HOST_ALIGNMENT-aligned.
 
@@ -68,7 +78,7 @@ def empty_host(nbytes: int, pin: bool | None = None, shared: bool = False) -> to
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
     pin = should_pin() if pin is None else pin
     if shared:
-        t = torch.empty(max(nbytes, 1), dtype=torch.uint8).share_memory_()[:nbytes]  # page-aligned mapping
+        t = _empty_shared(nbytes)
         if pin and nbytes:
             _register_pinned(t)
         return t
