@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +37,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from rich.console import Console
 from rich.table import Table
 
 from tasd import BasicTensorAwareStateDict
@@ -46,12 +44,13 @@ from tasd.launch import run_ranks
 from tasd.managers import LocalCheckpointManager, ReplicationConfig
 from tasd.managers.async_ckpt import AsyncCallsQueue, AsyncRequest
 
+from report import console, slowest, verdict  # benchmarks/report.py
+
 N_TENSORS = 16
 METHODS = ("copy", "tasd", "tasd_f2", "dcp")
 LABELS = {"copy": "plain copy into preallocated buffers", "tasd": "tasd async save, no replication",
           "tasd_f2": "tasd async save, clique factor 2", "dcp": "torch DCP async_save"}
 RUN = {"timeout_s": 1800.0, "collective_timeout_s": 600.0}
-console = Console(width=shutil.get_terminal_size((120, 24)).columns)
 
 
 def stall_rank(rank: int, world: int, root: str, nbytes: int, repeats: int) -> dict[str, list[float]]:
@@ -105,16 +104,6 @@ def stall_rank(rank: int, world: int, root: str, nbytes: int, repeats: int) -> d
             os.sync()  # dirty pages written back before the next call, as between real checkpoints
     queue.close()
     return out
-
-
-def slowest(per_rank: list[list[float]]) -> float:
-    """Median over runs of the slowest rank's time."""
-    return statistics.median(max(run) for run in zip(*per_rank))
-
-
-def verdict(line: str, ratio: float, ok: bool, into: dict) -> None:
-    into[line] = {"pass": ok, "ratio": ratio}
-    console.print(f"{'[green]PASS' if ok else '[red]MISS'}[/]  {line} ({ratio:.2f}x)")
 
 
 def main() -> None:

@@ -40,7 +40,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from rich.console import Console
 from rich.table import Table
 
 import tasd
@@ -52,11 +51,12 @@ from tasd.managers.fileformat import PartMeta, encode_prefix
 from tasd.serialization import dumps
 from tasd.staging import HostBufferPool, stage
 
+from report import console, slowest, verdict  # benchmarks/report.py
+
 N_TENSORS = 16
 CONFIG = ReplicationConfig(strategy="ring", replication_factor=2, replication_jump=1)
 PHASES = ("stage_s", "exchange_s", "write_s", "finalize_s")
 RUN = {"timeout_s": 600.0, "collective_timeout_s": 300.0}
-console = Console(width=shutil.get_terminal_size((120, 24)).columns)  # not 80 when piped
 
 
 def make_state(nbytes: int, n: int, seed: int) -> tasd.BasicTensorAwareStateDict:
@@ -170,16 +170,6 @@ def flat_rank(rank: int, world: int, root: Path, nbytes: int, counts: list[int],
 
 
 # -- aggregation and reporting ------------------------------------------------------------------
-def slowest(per_rank: list[list[float]]) -> float:
-    """Median over runs of the slowest rank's time."""
-    return statistics.median(max(run) for run in zip(*per_rank))
-
-
-def verdict(line: str, ratio: float, ok: bool, into: dict) -> None:
-    into[line] = {"pass": ok, "ratio": ratio}
-    console.print(f"{'[green]PASS' if ok else '[red]MISS'}[/]  {line} ({ratio:.2f}x)")
-
-
 def table(title: str, cols: tuple[str, ...]) -> Table:
     t = Table(title=title)
     for c in cols:

@@ -289,6 +289,8 @@ class BaseCheckpointManager(ABC):
         t = time.perf_counter()
         try:
             job.prefix = encode_prefix(job.meta, job.hollow, job.staged.layouts, job.staged.buffer)
+            job.stats.encode_s = time.perf_counter() - t
+            t = time.perf_counter()
             received = self._replicate(job.meta, job.prefix, job.staged)
             t1 = time.perf_counter()
             job.stats.exchange_s = t1 - t

@@ -24,6 +24,7 @@ class SaveStats:
     iteration: int = -1
     stall_s: float = 0.0
     stage_s: float = 0.0
+    encode_s: float = 0.0  # header and checksums of the own part, with replication
     exchange_s: float = 0.0
     write_s: float = 0.0
     finalize_s: float = 0.0
