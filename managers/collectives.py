@@ -33,6 +33,18 @@ def comm_device(group: Any = None) -> torch.device:
     return torch.device("cpu")
 
 
+def group_timeout(group: Any = None) -> Any:
+    """The timeout (a timedelta) ``group``'s collectives were created with, or None when it cannot
+    be read; new groups should inherit it (``dist.new_group`` otherwise defaults to 30 minutes)."""
+    if not is_distributed():
+        return None
+    pg = group if group is not None else dist.group.WORLD
+    try:
+        return pg._get_backend(comm_device(group)).options._timeout
+    except Exception:  # private API: absent in some torch versions or backends
+        return None
+
+
 def all_reduce_max(values: list[int], group: Any = None) -> list[int]:
     """Element-wise maximum of ``values`` over the group (one all_reduce)."""
     if not is_distributed():

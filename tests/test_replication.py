@@ -3,6 +3,7 @@ process group on real ranks."""
 
 from __future__ import annotations
 
+import datetime
 import pickle
 
 import pydantic
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tasd.managers import CheckpointingException
+from tasd.managers import CheckpointingException, collectives
 from tasd.managers.config import ReplicationConfig, ReplicationMismatchError
 from tasd.managers.replication import (CliqueReplicationStrategy, LazyCliqueReplicationStrategy,
                                        LazyRingReplicationStrategy, NoReplicasAvailableError,
@@ -233,6 +234,8 @@ def use_groups(rank, world):
         assert g is s.group  # created once
         assert dist.get_world_size(g) == world
         assert dist.get_backend(g) == dist.get_backend()
+        # inherits the job's timeout (the ranks fixture's 20 s), not new_group's 30-minute default
+        assert collectives.group_timeout(g) == collectives.group_timeout() == datetime.timedelta(seconds=20)
         t = torch.tensor([rank + 1])
         dist.all_reduce(t, group=g)
         sums.append(int(t))

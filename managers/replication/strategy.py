@@ -9,6 +9,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from tasd.managers import collectives
+
 from tasd.managers.errors import CheckpointingException
 from tasd.managers.replication.groups import as_count, check_params
 
@@ -120,7 +122,8 @@ class ReplicationStrategy(abc.ABC):
     def _maybe_create_group(self) -> None:
         if dist.is_available() and dist.is_initialized():
             backend = dist.get_backend()
-            self._group = dist.new_group(backend=backend)
+            # A dead or stuck peer must fail the exchange after the job's own timeout, not 30 min.
+            self._group = dist.new_group(backend=backend, timeout=collectives.group_timeout())
             logger.debug("%r: created replica-exchange process group (backend %s)", self, backend)
 
     def __getstate__(self) -> dict:
