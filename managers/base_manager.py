@@ -237,7 +237,7 @@ class BaseCheckpointManager(ABC):
                     if job.prefix is not None:  # encoded for the exchange: written as sent
                         job.stats.file_bytes += self._write_encoded(job.meta, job.prefix, job.staged.buffer)
                     else:
-                        fn, args = self._own_part_call(job.meta, job.hollow, job.staged)
+                        fn, args = job.own_call
                         job.stats.file_bytes += fn(*args)
                 except Exception as e:
                     job.error = e
@@ -248,7 +248,7 @@ class BaseCheckpointManager(ABC):
             if self._replicator is None:
                 self._replicator = ThreadPoolExecutor(1, thread_name_prefix="tasd-replicate")
             job.replication = self._replicator.submit(self._replicate_and_store, job)
-        fn, args = self._own_part_call(job.meta, job.hollow, job.staged)
+        fn, args = job.own_call
         job.finalize_fn = functools.partial(self._finalize_save, job)
         self._pending.append(job)
         job.stats.stall_s = time.perf_counter() - job.started
@@ -270,6 +270,7 @@ class BaseCheckpointManager(ABC):
             stats = SaveStats(iteration=iteration, stage_s=time.perf_counter() - t0,
                               tensor_bytes=staged.buffer.numel(), is_async=is_async)
             job = SaveJob(meta, hollow, staged, t0, owners, stats)
+            job.own_call = self._own_part_call(meta, hollow, staged)
         except Exception as e:
             error = e
         if error is not None or is_async or self.repl_strategy is not None:
@@ -336,8 +337,8 @@ class BaseCheckpointManager(ABC):
             except Exception as e:
                 error = e
             self._agree_or_raise(error, iteration, f"{what} (publishing)")
-        except BaseException as e:
-            job.done, job.failure = True, e
+        except BaseException:
+            job.done = True
             self._remove_iteration(iteration)
             raise
         job.done = True
@@ -356,20 +357,27 @@ class BaseCheckpointManager(ABC):
 
     def _settle(self, keep: int) -> None:
         """Finalize unfinalized async saves, oldest first, until at most ``keep`` remain: through
-        the queue holding each one's call (collective; raises on every rank if it failed), or, for
+        the queue holding each one's call (collective; raises on every rank if it, or an earlier
+        call of that queue, failed; a save whose call is still queued then stays pending), or, for
         a request that no queue holds (never scheduled, or its call failed and was dropped), by
         dropping it: its background exchange is awaited and its files are removed (local)."""
         while len(self._pending) > keep:
             job = self._pending[0]
-            try:
-                found = None if job.done else queue_holding(job.finalize_fn)
-                if found is not None:
-                    queue, call_idx = found
+            found = None if job.done else queue_holding(job.finalize_fn)
+            if found is not None:
+                queue, call_idx = found
+                try:
                     queue.finalize_through(call_idx)
-            finally:
-                if not job.done:
-                    self._drop(job)
-                self._pending.popleft()
+                except BaseException:
+                    if job.done or queue.holds(job.finalize_fn) is None:  # this save's call ended
+                        self._retire_oldest()
+                    raise
+            self._retire_oldest()
+
+    def _retire_oldest(self) -> None:
+        job = self._pending.popleft()
+        if not job.done:
+            self._drop(job)
 
     def _drop(self, job: SaveJob) -> None:
         if job.replication is not None:

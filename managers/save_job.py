@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from tasd.managers.fileformat import PartMeta
 from tasd.staging import Staged
@@ -43,7 +43,7 @@ class SaveJob:
     peers). ``error``: the first local failure (staging, exchange or writes). ``replication``:
     the background exchange (None when synchronous or without replication). ``finalize_fn``: the
     function handed to the AsyncRequest (identifies the job's call in a queue). ``done``: finalized
-    (published, or failed and cleaned up); ``failure``: why it failed, once finalized.
+    (published, or failed and cleaned up).
     """
 
     meta: PartMeta
@@ -52,14 +52,12 @@ class SaveJob:
     started: float
     owners: list[int]
     stats: SaveStats
+    own_call: tuple[Callable[..., int], tuple] | None = None  # stores the own part (see _own_part_call)
     prefix: bytes | None = None
-    received: list = field(default_factory=list)
     error: BaseException | None = None
     replication: Future | None = None
     finalize_fn: Callable[[], None] | None = None
     done: bool = False
-    failure: BaseException | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def iteration(self) -> int:

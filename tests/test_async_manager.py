@@ -169,6 +169,29 @@ def test_abort_then_save_again(ranks, tmp_path, persistent):
         assert ckpt_id == (3, rank, SESSION)
 
 
+def _unrelated_failure(rank: int) -> None:  # module level: it runs in the queue's worker
+    raise ValueError(f"unrelated failure on rank {rank}")
+
+
+def earlier_call_fails(rank, world, root):
+    m = manager(root, None)
+    q = AsyncCallsQueue(persistent=False, wait_timeout_s=WAIT_S)
+    q.schedule_async_request(AsyncRequest(_unrelated_failure, (rank,), []))
+    save_async(m, q, state(rank, 1), 1)
+    with pytest.raises(CheckpointingException, match="unrelated failure"):
+        m.find_latest()  # finalizing through the save's call meets the failed earlier call first
+    latest = m.find_latest()  # the save stayed queued and pending: finalized now
+    sd, _ = m.load()
+    assert_same(sd.state_dict, state(rank, 1))
+    q.close()
+    return latest, names(m)
+
+
+def test_failure_of_an_earlier_call_in_the_queue_keeps_the_save(ranks, tmp_path):
+    for rank, (latest, files) in enumerate(ranks(earlier_call_fails, 2, tmp_path)):
+        assert latest == 1 and files == [f"iter_0000001_{rank}_local.tasd"]
+
+
 # -- saves in flight, unscheduled requests, execute_sync ---------------------------------------------
 
 def in_flight(rank, world, root):
@@ -245,5 +268,5 @@ def test_twenty_async_saves_keep_host_memory_flat(ranks, tmp_path):
         assert (r_alloc, r_in_use) == (1, 0), "one receive buffer for the peer's part, reused"
         # Allocator warm-up settles within the first saves; a buffer leaked per save would add 40 MiB.
         growth = rss[-1] - rss[9]
-        assert growth < 8 << 20, f"RSS grew {growth / 2**20:.1f} MiB over the last 10 saves of a 4 MiB state"
+        assert growth < 16 << 20, f"RSS grew {growth / 2**20:.1f} MiB over the last 10 saves of a 4 MiB state"
         assert files == ["iter_0000020_0_local.tasd", "iter_0000020_1_local.tasd"]
