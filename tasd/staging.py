@@ -159,6 +159,13 @@ class HostBufferPool:
                 _, dropped = self._free.popitem(last=False)
                 total -= dropped.numel()
 
+    def forget(self, buf: torch.Tensor) -> None:
+        """Stop tracking a buffer from :meth:`acquire` without pooling it (another process may
+        still read it): it is freed once nothing references it. Unknown buffers raise ValueError."""
+        with self._lock:
+            if self._in_use.pop(self._key(buf), None) is None:
+                raise ValueError("buffer was not acquired from this pool (or released twice)")
+
     def clear(self) -> None:
         """Drop all free buffers."""
         with self._lock:
@@ -188,9 +195,16 @@ class Staged:
     pool: HostBufferPool
 
     def release(self) -> None:
-        """Return the buffer to its pool; nothing may read it afterwards."""
+        """Return the buffer to its pool; nothing may read it afterwards. Idempotent."""
         if self.buffer is not None:
             self.pool.release(self.buffer)
+            self.buffer = None  # type: ignore[assignment]
+
+    def discard(self) -> None:
+        """Let go of the buffer without pooling it, for a buffer a worker may still read
+        (:meth:`HostBufferPool.forget`). Idempotent."""
+        if self.buffer is not None:
+            self.pool.forget(self.buffer)
             self.buffer = None  # type: ignore[assignment]
 
 

@@ -270,3 +270,27 @@ def test_torch_async_save_matches_sync_and_snapshots(tmp_path, persistent):
     ckpt.close()
     _assert_same(torch.load(tmp_path / "async.pt"), torch.load(tmp_path / "sync.pt"))
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+@KINDS
+def test_torch_async_save_reuses_one_staging_buffer_and_discards_failed_ones(tmp_path, persistent):
+    from tasd.staging import HostBufferPool
+    pool = HostBufferPool(shared=True)
+    ckpt = TorchAsyncCheckpoint(persistent_queue=persistent, wait_timeout_s=WAIT_S, pool=pool)
+    state = {"w": torch.randn(1 << 16), "step": 0}
+    for step in range(4):
+        state["step"] = step
+        ckpt.async_save(state, tmp_path / f"{step}.pt")
+        ckpt.finalize_async_save(blocking=True)
+    assert (pool.allocations, pool.reuses, pool.in_use_bytes) == (1, 3, 0), "one buffer, reused"
+    assert torch.load(tmp_path / "3.pt")["step"] == 3
+    ckpt.async_save(state, tmp_path / "missing-dir" / "x.pt")  # the worker cannot write it
+    with pytest.raises(CheckpointingException, match="No such file"):
+        ckpt.finalize_async_save(blocking=True)
+    assert pool.in_use_bytes == 0 and pool.pooled_bytes == 0, "a failed call's buffer is never reused"
+    sparse = {"s": torch.eye(4).to_sparse(), "w": torch.ones(3)}  # not stageable: copied instead
+    ckpt.async_save(sparse, tmp_path / "sparse.pt")
+    ckpt.finalize_async_save(blocking=True)
+    ckpt.close()
+    loaded = torch.load(tmp_path / "sparse.pt")
+    assert torch.equal(loaded["s"].to_dense(), torch.eye(4)) and torch.equal(loaded["w"], torch.ones(3))
