@@ -109,6 +109,12 @@ def as_bytes(buffer: torch.Tensor) -> memoryview:
     return memoryview(buffer.numpy()).cast("B") if buffer.numel() else memoryview(b"")
 
 
+# torch initializes its numpy bridge on the first .numpy() call, once, under a C++ static guard. If
+# a background thread (the replica exchange) made that first call while a writer process is forked,
+# the child would wait on the guard forever: initialize it at import, before any thread starts.
+torch.empty(1, dtype=torch.uint8).numpy()
+
+
 def chunks(nbytes: int, chunk: int) -> list[tuple[int, int]]:
     return [(o, min(chunk, nbytes - o)) for o in range(0, nbytes, chunk)]
 
