@@ -217,8 +217,9 @@ class BaseCheckpointManager(ABC):
         ``is_async=True``: returns once the tensors are staged (and every rank has staged), with an
         :class:`AsyncRequest` to schedule on an AsyncCallsQueue (persistent or not) or run with
         ``execute_sync()``; the exchange with peers runs meanwhile in a background thread. The
-        request's finalize function publishes (collective; failures raise as above, from
-        ``maybe_finalize_async_calls``). At most ``max_saves_in_flight`` async saves are
+        request's finalize function publishes (collective over the manager's group, so finalize
+        with ``maybe_finalize_async_calls(no_dist=False)``, the default, which runs it on every rank
+        at the same point; failures raise as above, from there). At most ``max_saves_in_flight`` async saves are
         unfinalized: a save beyond that, and every sync save, find_latest and load, first finalizes
         the older ones through their queue (collective; raises if one failed). A request that was
         never scheduled, or whose call failed, is dropped then and its files removed.
