@@ -294,3 +294,29 @@ def test_torch_async_save_reuses_one_staging_buffer_and_discards_failed_ones(tmp
     ckpt.close()
     loaded = torch.load(tmp_path / "sparse.pt")
     assert torch.equal(loaded["s"].to_dense(), torch.eye(4)) and torch.equal(loaded["w"], torch.ones(3))
+
+
+def _rank_dies_with_a_call_pending(rank, world, tmp, persistent):
+    q = AsyncCallsQueue(persistent=persistent, wait_timeout_s=WAIT_S)
+    q.schedule_async_request(AsyncRequest(_write_file, (os.path.join(tmp, f"r{rank}"), "x"), []))
+    if rank == 1:
+        with open(os.path.join(tmp, "worker.pid"), "w") as f:
+            f.write(str(q._persistent_caller._proc.pid if persistent else 0))
+        os._exit(3)  # the node dies before finalizing; its persistent worker is orphaned
+    q.maybe_finalize_async_calls(blocking=True)
+
+
+@KINDS
+def test_dead_rank_fails_finalize_everywhere_and_orphaned_worker_exits(tmp_path, persistent):
+    from tasd.launch import RankFailure, run_ranks
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_rank_dies_with_a_call_pending, 2, str(tmp_path), persistent, timeout_s=60, collective_timeout_s=10)
+    survivor = info.value.failures[0]
+    assert "CheckpointingException" in survivor and "could not reach the other ranks" in survivor
+    assert "exit code 3" in info.value.failures[1]
+    pid = int((tmp_path / "worker.pid").read_text())
+    if persistent:  # the orphan notices its parent is gone and exits
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{pid}"), "persistent worker outlived its training process"

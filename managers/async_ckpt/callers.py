@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing as mp
+import os
 import queue as queue_mod
 import signal
 import time
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 _POLL_SLEEP_S = 0.01
 _MAX_POLL_SLEEP_S = 0.1
+_PARENT_CHECK_S = 1.0  # how often an idle persistent worker checks that its training process lives
 
 
 def _run_call(fn: Any, args: tuple, kwargs: dict) -> tuple[bool, str | None]:
@@ -164,10 +166,16 @@ class TemporalAsyncCaller:
 # ----------------------------------------------------------------------------- persistent
 
 
-def _persistent_main(requests: Any, results: Any) -> None:
+def _persistent_main(requests: Any, results: Any, parent_pid: int) -> None:
     gc.disable()
     while True:
-        item = requests.get()
+        try:
+            item = requests.get(timeout=_PARENT_CHECK_S)
+        except queue_mod.Empty:
+            if os.getppid() != parent_pid:  # the training process died: nobody will send or read
+                results.cancel_join_thread()
+                return
+            continue
         if item is None:
             break
         try:
@@ -198,8 +206,9 @@ class PersistentAsyncCaller:
     ``(call_idx, ok, error_text)``. Requests are pickled here with the multiprocessing pickler
     (CPU tensors travel through shared memory) before being queued, so an unpicklable request
     raises CheckpointingException at :meth:`schedule` instead of hanging. The worker is a daemon:
-    close the queue before exiting, or running calls are lost. A dead worker fails every
-    outstanding call; the next :meth:`schedule` starts a new worker."""
+    close the queue before exiting, or running calls are lost. If the training process dies, the
+    worker finishes its current call and exits (an idle worker checks every _PARENT_CHECK_S). A
+    dead worker fails every outstanding call; the next :meth:`schedule` starts a new worker."""
 
     persistent = True
 
@@ -220,7 +229,7 @@ class PersistentAsyncCaller:
     def _start(self) -> None:
         self._requests = self._ctx.Queue()
         self._results = self._ctx.Queue()
-        self._proc = self._ctx.Process(target=_persistent_main, args=(self._requests, self._results),
+        self._proc = self._ctx.Process(target=_persistent_main, args=(self._requests, self._results, os.getpid()),
                                        name="tasd-async-worker", daemon=True)
         self._proc.start()
         weakref.finalize(self, _stop_worker, self._proc, self._requests)

@@ -106,7 +106,9 @@ class AsyncCallsQueue:
         failed anywhere, and has the same index everywhere. A failed call (exception in async_fn,
         dead worker, wait timeout) raises CheckpointingException on every rank, with the failing
         ranks' error texts; the call is dropped (its finalize functions never run) and later calls
-        stay queued. Mismatched call indices raise CheckpointingException on every rank.
+        stay queued. Mismatched call indices raise CheckpointingException on every rank. A peer
+        that cannot be reached (dead, or past the group's timeout) raises CheckpointingException on
+        the ranks that remain, and the call is dropped.
         ``no_dist=True``: local; only this rank's failure raises. Exceptions from finalize
         functions propagate on the rank that raised them."""
         finalized: list[int] = []
@@ -121,11 +123,18 @@ class AsyncCallsQueue:
                 if not done:
                     break
             else:
-                not_done_any, failed_any, max_idx, neg_min_idx = collectives.all_reduce_max(
-                    [0 if done else 1, 1 if failed else 0, idx, -idx], self.group)
+                try:
+                    not_done_any, failed_any, max_idx, neg_min_idx = collectives.all_reduce_max(
+                        [0 if done else 1, 1 if failed else 0, idx, -idx], self.group)
+                    failures = (collectives.gather_failures(CheckpointingException(err) if failed else None,
+                                                            self.group) if failed_any else {})
+                except Exception as e:  # a peer died or timed out: this call can never be finalized
+                    self._drop(caller, idx)
+                    rank = collectives.rank_and_size(self.group)[0]
+                    raise CheckpointingException(
+                        f"async checkpoint call {idx}: rank {rank} could not reach the other ranks to "
+                        f"finalize it (a peer died or timed out): {e}") from e
                 if failed_any:
-                    mine = CheckpointingException(err) if failed else None
-                    failures = collectives.gather_failures(mine, self.group)
                     self._drop(caller, idx)
                     text = "\n".join(f"--- rank {r} ---\n{m}" for r, m in sorted(failures.items()))
                     raise CheckpointingException(
