@@ -236,10 +236,10 @@ class BaseCheckpointManager(ABC):
                 t = time.perf_counter()
                 try:
                     if job.prefix is not None:  # encoded for the exchange: written as sent
-                        job.stats.file_bytes += self._write_encoded(job.meta, job.prefix, job.staged.buffer)
+                        self._write_encoded(job.meta, job.prefix, job.staged.buffer)
                     else:
                         fn, args = job.own_call
-                        job.stats.file_bytes += fn(*args)
+                        fn(*args)
                 except Exception as e:
                     job.error = e
                 job.stats.write_s += time.perf_counter() - t
@@ -324,8 +324,7 @@ class BaseCheckpointManager(ABC):
             if error is None and size is None:
                 error = CheckpointingException(f"rank {self.rank}: its part of iteration {iteration} was not "
                                                "stored (the async writer did not finish)")
-            elif job.stats.is_async:
-                job.stats.file_bytes += size  # written by the request's async_fn
+            job.stats.file_bytes += size or 0  # the own part (replicas were counted as written)
         finally:
             job.staged.release()
         if error is not None:

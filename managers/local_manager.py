@@ -120,7 +120,7 @@ class LocalCheckpointManager(BaseCheckpointManager):
 
     # -- storage hooks ---------------------------------------------------------------------------
     def _pending_path(self, iteration: int, owner: int) -> Path:
-        return self._path(iteration, owner).with_name(part_name(iteration, owner) + PENDING_SUFFIX)
+        return self.local_ckpt_dir / (part_name(iteration, owner) + PENDING_SUFFIX)
 
     def _own_part_call(self, meta: PartMeta, hollow: bytes, staged: Staged) -> tuple[Callable[..., int], tuple]:
         self.local_ckpt_dir.mkdir(parents=True, exist_ok=True)
