@@ -59,18 +59,15 @@ def _register_pinned(t: torch.Tensor) -> None:
 def _empty_shared(nbytes: int) -> torch.Tensor:
     """Uninitialized shared memory, allocated there directly (``share_memory_()`` on a fresh tensor
     would allocate, fault and copy twice the bytes). Page-aligned."""
-    size = max(nbytes, 1)
-    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
-    if new_shared is None:  # not in this torch: the public, slower way
-        return torch.empty(size, dtype=torch.uint8).share_memory_()[:nbytes]
-    return torch.empty(0, dtype=torch.uint8).set_(new_shared(size), 0, (nbytes,), (1,))
+    storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
 
 
 def empty_host(nbytes: int, pin: bool | None = None, shared: bool = False) -> torch.Tensor:
     """A 1-D uint8 host tensor of ``nbytes`` whose data pointer is HOST_ALIGNMENT-aligned.
 
-    Pinned when ``pin`` (default: :func:`should_pin`). ``shared``: in shared memory (torch's
-    ``share_memory_()``, backed by /dev/shm), so that handing it to a worker process through a
+    Pinned when ``pin`` (default: :func:`should_pin`). ``shared``: in torch shared memory (backed
+    by /dev/shm), so that handing it to a worker process through a
     multiprocessing queue passes a file descriptor instead of copying the bytes; pinned then with
     cudaHostRegister. Not zeroed.
     """

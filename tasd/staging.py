@@ -145,13 +145,16 @@ class HostBufferPool:
     def _key(buf: torch.Tensor) -> int:
         return buf.data_ptr() if buf.numel() else id(buf)
 
+    def _untrack(self, buf: torch.Tensor) -> int:  # with the lock held
+        key = self._key(buf)
+        if self._in_use.pop(key, None) is None:
+            raise ValueError("buffer was not acquired from this pool (or released twice)")
+        return key
+
     def release(self, buf: torch.Tensor) -> None:
         """Give back a buffer from :meth:`acquire`; unknown buffers raise ValueError."""
-        key = self._key(buf)
         with self._lock:
-            if self._in_use.pop(key, None) is None:
-                raise ValueError("buffer was not acquired from this pool (or released twice)")
-            self._free[key] = buf
+            self._free[self._untrack(buf)] = buf
             bound = (max(2 * self._largest, self._peak_in_use) if self.max_pooled_bytes is None
                      else self.max_pooled_bytes)
             total = sum(b.numel() for b in self._free.values())
@@ -163,8 +166,7 @@ class HostBufferPool:
         """Stop tracking a buffer from :meth:`acquire` without pooling it (another process may
         still read it): it is freed once nothing references it. Unknown buffers raise ValueError."""
         with self._lock:
-            if self._in_use.pop(self._key(buf), None) is None:
-                raise ValueError("buffer was not acquired from this pool (or released twice)")
+            self._untrack(buf)
 
     def clear(self) -> None:
         """Drop all free buffers."""
