@@ -67,9 +67,8 @@ def empty_host(nbytes: int, pin: bool | None = None, shared: bool = False) -> to
     """A 1-D uint8 host tensor of ``nbytes`` whose data pointer is HOST_ALIGNMENT-aligned.
 
     Pinned when ``pin`` (default: :func:`should_pin`). ``shared``: in torch shared memory (backed
-    by /dev/shm), so that handing it to a worker process through a
-    multiprocessing queue passes a file descriptor instead of copying the bytes; pinned then with
-    cudaHostRegister. Not zeroed.
+    by /dev/shm), so that handing it to a worker process through a multiprocessing queue passes a
+    file descriptor instead of copying the bytes; pinned then with cudaHostRegister. Not zeroed.
     """
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")

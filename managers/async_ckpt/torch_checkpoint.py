@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import pickle
@@ -73,12 +72,9 @@ class TorchAsyncCheckpoint:
             return AsyncRequest(_atomic_torch_save, (snapshot, path), finalize_fns)
         hollow = pickle.dumps(sd, protocol=pickle.HIGHEST_PROTOCOL)
         staged = stage(tensors, self.pool)
-        done = functools.partial(self._finished, staged)
+        done = staged.release  # the call succeeded everywhere: the buffer goes back to the pool
         self._staged[done] = staged
         return AsyncRequest(_save_staged, (hollow, staged.buffer, staged.layouts, path), [done, *finalize_fns])
-
-    def _finished(self, staged: Staged) -> None:
-        staged.release()
 
     def _reap(self) -> None:
         """Forget the buffers of calls the queue no longer holds: finalized ones were released,
