@@ -26,7 +26,6 @@ Run:  .venv/bin/python benchmarks/bench_async.py [--size-mib 1024] [--dir DIR] [
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ from tasd.launch import run_ranks
 from tasd.managers import LocalCheckpointManager, ReplicationConfig
 from tasd.managers.async_ckpt import AsyncCallsQueue, AsyncRequest
 
-from report import console, slowest, verdict  # benchmarks/report.py
+from report import console, parse_args, slowest, verdict  # benchmarks/report.py
 
 N_TENSORS = 16
 METHODS = ("copy", "tasd", "tasd_f2", "dcp")
@@ -107,13 +106,7 @@ def stall_rank(rank: int, world: int, root: str, nbytes: int, repeats: int) -> d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-mib", type=float, default=1024.0, help="state dict size per rank")
-    ap.add_argument("--dir", help="directory for checkpoints (a subdirectory is created and removed)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", help="write all figures to this JSON file")
-    args = ap.parse_args()
-    nbytes = int(args.size_mib * (1 << 20)) // (4 * N_TENSORS) * (4 * N_TENSORS)
+    args, nbytes = parse_args(__doc__, 1024.0, "state dict size per rank", 5, N_TENSORS)
     work = Path(tempfile.mkdtemp(prefix="tasd-bench-async-", dir=args.dir))
     try:
         console.print(f"dir {work}; {nbytes / (1 << 20):.0f} MiB per rank, 2 ranks; {os.cpu_count()} CPUs; "

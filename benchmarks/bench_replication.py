@@ -29,7 +29,6 @@ Run:  .venv/bin/python benchmarks/bench_replication.py [--size-mib 256] [--dir D
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -51,7 +50,7 @@ from tasd.managers.fileformat import PartMeta, encode_prefix
 from tasd.serialization import dumps
 from tasd.staging import HostBufferPool, stage
 
-from report import console, slowest, verdict  # benchmarks/report.py
+from report import console, parse_args, slowest, verdict  # benchmarks/report.py
 
 N_TENSORS = 16
 CONFIG = ReplicationConfig(strategy="ring", replication_factor=2, replication_jump=1)
@@ -239,13 +238,7 @@ def bench_flatness(work: Path, nbytes: int, repeats: int, verdicts: dict, counts
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-mib", type=float, default=256.0, help="part size per rank (flatness: a quarter)")
-    ap.add_argument("--dir", help="directory for checkpoints (a subdirectory is created and removed)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", help="write all figures to this JSON file")
-    args = ap.parse_args()
-    nbytes = int(args.size_mib * (1 << 20)) // (4 * N_TENSORS) * (4 * N_TENSORS)
+    args, nbytes = parse_args(__doc__, 256.0, "part size per rank (flatness: a quarter)", 3, N_TENSORS)
     work = Path(tempfile.mkdtemp(prefix="tasd-bench-repl-", dir=args.dir))
     verdicts: dict[str, dict] = {}
     try:
