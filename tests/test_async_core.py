@@ -297,6 +297,7 @@ def test_torch_async_save_reuses_one_staging_buffer_and_discards_failed_ones(tmp
 
 
 def _rank_dies_with_a_call_pending(rank, world, tmp, persistent):
+    dist.barrier()  # both ranks are connected before one of them dies
     q = AsyncCallsQueue(persistent=persistent, wait_timeout_s=WAIT_S)
     q.schedule_async_request(AsyncRequest(_write_file, (os.path.join(tmp, f"r{rank}"), "x"), []))
     if rank == 1:
