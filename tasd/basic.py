@@ -18,13 +18,25 @@ def _is_placeholder(obj: Any) -> bool:
     return isinstance(obj, TensorPlaceholder)
 
 
+def _same_view_key(t: torch.Tensor) -> tuple | None:
+    """What makes two tensor objects the same tensor for a checkpoint (tied weights), or None for a
+    tensor without memory (empty storages may share a null data pointer)."""
+    storage = t.untyped_storage()
+    if storage.nbytes() == 0:
+        return None
+    return (storage.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device,
+            type(t), t.requires_grad)
+
+
 @register_library_class
 class BasicTensorAwareStateDict(TensorAwareStateDict):
     """Wraps a nested dict/list/tuple state dict (``.state_dict``) whose tensors live on CPU or CUDA.
 
     Popping and inserting rebuild the containers, so the structure the caller passed in is never
-    mutated. Non-tensor leaves may be anything picklable; a tensor hidden inside another object
-    raises TypeError naming its key path.
+    mutated. Non-tensor leaves may be anything picklable; a tensor hidden inside another object,
+    or a tensor that is not plain (a subclass such as DTensor: use tasd.fsdp for those), raises
+    TypeError naming its key path. A tensor tied under several keys is popped, staged and saved
+    once, and comes back as one tensor object at all of its keys (as with ``torch.save``).
     """
 
     def __init__(self, state_dict: Any, pool: HostBufferPool | None = None):
@@ -53,17 +65,33 @@ class BasicTensorAwareStateDict(TensorAwareStateDict):
         return self._hollow
 
     def pop_tensors(self) -> list[torch.Tensor]:
+        """Remove the tensors and return each once, in walk order; the object becomes hollow.
+
+        Tensors that are the same view of the same memory (tied weights: one storage, offset,
+        shape, strides, dtype, device, tensor type and requires_grad under several keys, as
+        ``model.state_dict()`` returns them) are one tensor: every placeholder of it carries its
+        index, and
+        :meth:`insert_tensors` puts one tensor object back at all its keys. Raises TypeError naming
+        the key path for a tensor that cannot be staged (a tensor subclass such as DTensor, a sparse,
+        quantized or meta tensor) or one hidden inside another object.
+        """
         if self._hollow:
             raise ValueError("state dict is already hollow (pop_tensors called twice?)")
         tensors: list[torch.Tensor] = []
+        index_of: dict[tuple, int] = {}
         devices = self._devices
 
         def take(path, t: torch.Tensor) -> TensorPlaceholder:
             reason = check_stageable(t)
             if reason:
-                raise TypeError(f"state dict entry {format_path(path)!r}: {reason}")
-            i = len(tensors)
-            tensors.append(t)
+                raise TypeError(f"state dict entry {format_path(path)!r} {reason}")
+            key = _same_view_key(t)
+            i = index_of.get(key) if key is not None else None
+            if i is None:
+                i = len(tensors)
+                tensors.append(t)
+                if key is not None:
+                    index_of[key] = i
             dev = devices[i] if devices is not None and i < len(devices) else str(t.device)
             return TensorPlaceholder(i, t.dtype, tuple(t.shape), dev)
 
@@ -73,6 +101,7 @@ class BasicTensorAwareStateDict(TensorAwareStateDict):
 
     @property
     def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor leaf in walk order (a tied tensor once per key). ValueError when hollow."""
         if self._hollow:
             raise ValueError("state dict is hollow: it holds no tensors")
         found: list[torch.Tensor] = []
@@ -81,32 +110,37 @@ class BasicTensorAwareStateDict(TensorAwareStateDict):
         return iter(found)
 
     def insert_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Put back one tensor per distinct placeholder index (as :meth:`pop_tensors` returned
+        them): the same tensor object goes to every key whose placeholder carries its index.
+        ValueError when the number of tensors or a dtype or shape does not match."""
         if not self._hollow:
             raise ValueError("state dict is not hollow: nothing to insert into")
         tensors = list(tensors)
-        seen: list[TensorPlaceholder] = []
+        devices: dict[int, str] = {}
 
         def put(path, ph: TensorPlaceholder) -> torch.Tensor:
             if ph.index >= len(tensors):
-                raise ValueError(f"got {len(tensors)} tensors, state dict entry {format_path(path)!r} needs index {ph.index}")
+                raise ValueError(f"got {len(tensors)} tensors, state dict entry {format_path(path)!r} "
+                                 f"needs index {ph.index}")
             t = tensors[ph.index]
             if t.dtype != ph.dtype or tuple(t.shape) != ph.shape:
                 raise ValueError(f"tensor for state dict entry {format_path(path)!r} has {t.dtype} "
                                  f"{tuple(t.shape)}, expected {ph.dtype} {ph.shape}")
-            seen.append(ph)
+            devices.setdefault(ph.index, ph.device)
             return t
 
         new = map_leaves(self.state_dict, _is_placeholder, put)
-        if len(seen) != len(tensors):
-            raise ValueError(f"got {len(tensors)} tensors for {len(seen)} placeholders")
+        if len(devices) != len(tensors):  # every index is < len(tensors): equal counts cover them all
+            raise ValueError(f"got {len(tensors)} tensors for {len(devices)} distinct placeholders")
         self.state_dict = new
-        self._devices = [ph.device for ph in seen]
+        self._devices = [devices[i] for i in range(len(tensors))]
         self._hollow = False
 
     def init_tensors(self) -> None:
-        placeholders: list[TensorPlaceholder] = []
-        map_leaves(self.state_dict, _is_placeholder, lambda _, ph: placeholders.append(ph))
-        self.insert_tensors(torch.empty(ph.shape, dtype=ph.dtype) for ph in placeholders)
+        placeholders: dict[int, TensorPlaceholder] = {}
+        map_leaves(self.state_dict, _is_placeholder, lambda _, ph: placeholders.setdefault(ph.index, ph))
+        self.insert_tensors(torch.empty(placeholders[i].shape, dtype=placeholders[i].dtype)
+                            for i in sorted(placeholders))
 
     def copy_tensors_to_cpu(self, non_blocking: bool = False) -> None:
         tensors = self.pop_tensors()

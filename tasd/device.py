@@ -1,13 +1,15 @@
 """The one place that decides devices, synchronizes and allocates host memory.
 
 Every CUDA call in the library goes through here so that the whole library runs on CPU-only
-machines (CUDA is optional) and uses pinned memory and device syncs when CUDA is present.
+machines (CUDA is optional) and uses pinned memory and device syncs when CUDA is present. Device
+syncs are counted (:func:`sync_count`) so that tests can prove a path does not wait for the GPU.
 """
 
 from __future__ import annotations
 
 import logging
 import mmap
+import threading
 import weakref
 
 import torch
@@ -25,10 +27,36 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+_sync_lock = threading.Lock()
+_sync_calls = 0
+
+
 def synchronize() -> None:
-    """Wait for all queued device work (no-op without CUDA)."""
+    """Wait for all queued device work (no-op without CUDA). Every call is counted by
+    :func:`sync_count`, with or without CUDA."""
+    global _sync_calls
+    with _sync_lock:
+        _sync_calls += 1
     if cuda_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def synchronize_stream() -> None:
+    """Wait for the work queued on this thread's current CUDA stream (no-op without CUDA): what a
+    device-to-host copy issued on it needs, without waiting for the other streams (the training's
+    communication, for one). Counted by :func:`sync_count` like :func:`synchronize`."""
+    global _sync_calls
+    with _sync_lock:
+        _sync_calls += 1
+    if cuda_available() and torch.cuda.is_initialized():
+        torch.cuda.current_stream().synchronize()
+
+
+def sync_count() -> int:
+    """How many times :func:`synchronize` was called in this process (CPU no-ops included), so
+    that tests can assert that a code path makes no device synchronization."""
+    with _sync_lock:
+        return _sync_calls
 
 
 def default_device() -> torch.device:
@@ -43,17 +71,41 @@ def should_pin() -> bool:
     return cuda_available()
 
 
-def _register_pinned(t: torch.Tensor) -> None:
-    """Page-lock the memory of ``t`` for fast device copies (cudaHostRegister), unregistered when
-    ``t`` is garbage-collected. Falls back to pageable memory, with a warning, if CUDA refuses."""
-    cudart = torch.cuda.cudart()
+_CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, as torch's own stager does
+
+
+def _cuda_host_register(ptr: int, nbytes: int) -> int:
+    """cudaHostRegister of ``nbytes`` at ``ptr``; returns the CUDA error code, 0 on success."""
+    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, _CUDA_HOST_REGISTER_PORTABLE))
+
+
+def _cuda_host_unregister(ptr: int) -> int:
+    """cudaHostUnregister of the range registered at ``ptr``; returns the CUDA error code."""
+    return int(torch.cuda.cudart().cudaHostUnregister(ptr))
+
+
+def _unpin(ptr: int) -> None:
+    err = _cuda_host_unregister(ptr)
+    if err != 0:
+        logger.warning("cudaHostUnregister of the host buffer at %#x failed (CUDA error %d)", ptr, err)
+
+
+def _page_lock(t: torch.Tensor) -> None:
+    """Page-lock the memory of ``t`` (cudaHostRegister of exactly its bytes) for fast device copies.
+
+    Unregistered when its storage dies (with the last view of it, not with ``t``), before the
+    memory is freed; not at interpreter exit (the process's memory goes anyway). Falls back to
+    pageable memory, with a warning, if CUDA refuses.
+    """
     ptr, nbytes = t.data_ptr(), t.numel()
-    err = cudart.cudaHostRegister(ptr, nbytes, 0)
-    if int(err) != 0:
-        logger.warning("cudaHostRegister of a %d-byte shared buffer failed (%s): device copies into it "
-                       "will be slower", nbytes, err)
+    err = _cuda_host_register(ptr, nbytes)
+    if err != 0:
+        logger.warning("cudaHostRegister of a %d-byte host buffer failed (CUDA error %d): device copies "
+                       "into it will be slower", nbytes, err)
         return
-    weakref.finalize(t, cudart.cudaHostUnregister, ptr)
+    # torch keeps a storage's Python object alive as long as the storage (views included) and
+    # clears its weak references before the storage frees its memory (tests/test_staging.py).
+    weakref.finalize(t.untyped_storage(), _unpin, ptr).atexit = False
 
 
 def _empty_shared(nbytes: int) -> torch.Tensor:
@@ -63,30 +115,39 @@ def _empty_shared(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
 
 
-def empty_host(nbytes: int, pin: bool | None = None, shared: bool = False) -> torch.Tensor:
-    """A 1-D uint8 host tensor of ``nbytes`` whose data pointer is HOST_ALIGNMENT-aligned.
+def _empty_mapped(nbytes: int) -> torch.Tensor:
+    """Page-aligned anonymous memory of exactly ``nbytes`` (> 0), faulted in by the kernel in one
+    go (MAP_POPULATE): on VMs, first-touch page faults otherwise cost more than the copy or read
+    that fills it. The tensor's storage holds the mapping, unmapped when the storage is freed."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=torch.uint8)
 
-    Pinned when ``pin`` (default: :func:`should_pin`). ``shared``: in torch shared memory (backed
-    by /dev/shm), so that handing it to a worker process through a multiprocessing queue passes a
-    file descriptor instead of copying the bytes; pinned then with cudaHostRegister. Not zeroed.
+
+def empty_host(nbytes: int, pin: bool | None = None, shared: bool = False) -> torch.Tensor:
+    """A 1-D uint8 host tensor of ``nbytes`` whose data pointer is HOST_ALIGNMENT-aligned. Not zeroed.
+
+    ``pin`` (default: :func:`should_pin`): page-locked when CUDA is present (without CUDA
+    page-locking has no use: the memory is pageable). Pinned memory is an exact-size mapping
+    registered with cudaHostRegister, not torch's caching host allocator (which rounds sizes up to
+    a power of two and keeps freed memory page-locked for the life of the process): it goes back
+    to the system when the tensor's storage is freed. ``shared``: in torch shared memory (backed by
+    /dev/shm), so that handing it to a worker process through a multiprocessing queue passes a
+    file descriptor instead of copying the bytes; pinned then with cudaHostRegister too.
     """
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    pin = should_pin() if pin is None else pin
+    pin = (should_pin() if pin is None else pin) and nbytes > 0 and cuda_available()
     if shared:
         t = _empty_shared(nbytes)
-        if pin and nbytes:
-            _register_pinned(t)
-        return t
-    if not pin and nbytes >= _POPULATE_MIN_BYTES:
-        # Page-aligned anonymous memory, faulted in by the kernel in one go (MAP_POPULATE): on
-        # VMs, first-touch page faults otherwise cost more than the copy or read that fills it.
-        # The tensor holds the mapping; it is unmapped when the tensor's storage is freed.
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-        return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=torch.uint8)
-    raw = torch.empty(nbytes + HOST_ALIGNMENT, dtype=torch.uint8, pin_memory=pin)
-    shift = (-raw.data_ptr()) % HOST_ALIGNMENT
-    return raw[shift : shift + nbytes]
+    elif pin or nbytes >= _POPULATE_MIN_BYTES:
+        t = _empty_mapped(nbytes)
+    else:
+        raw = torch.empty(nbytes + HOST_ALIGNMENT, dtype=torch.uint8)
+        shift = (-raw.data_ptr()) % HOST_ALIGNMENT
+        return raw[shift : shift + nbytes]
+    if pin:
+        _page_lock(t)
+    return t
 
 
 def restore_device(tensor: torch.Tensor, device: str, non_blocking: bool = True) -> torch.Tensor:

@@ -156,3 +156,88 @@ def test_restore_tensor_device_returns_tensors_to_their_recorded_device():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert hollow.state_dict["w"].device.type == expected
     assert torch.equal(hollow.state_dict["w"].cpu(), torch.ones(3))
+
+
+# -- tied tensors (one tensor under two keys) ------------------------------------------------------
+
+class TiedLM(torch.nn.Module):
+    """Input embedding and output head share one weight, as in tied-embedding language models."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(1000, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, 1000, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def tied_state() -> dict:
+    torch.manual_seed(0)
+    sd = TiedLM().state_dict()  # a fresh detached tensor per key, both over the same storage
+    assert sd["emb.weight"] is not sd["head.weight"]
+    return {"model": sd, "step": 3}
+
+
+def test_tied_tensors_are_popped_once_and_inserted_as_one_tensor():
+    original = tied_state()
+    sd = BasicTensorAwareStateDict(original)
+    tensors = sd.pop_tensors()
+    assert len(tensors) == 3, "emb/head weight once, norm weight, norm bias"
+    ph = sd.state_dict["model"]
+    assert ph["emb.weight"].index == ph["head.weight"].index == 0
+    sd.insert_tensors(tensors)
+    assert_same(sd.state_dict, original)
+    assert sd.state_dict["model"]["emb.weight"] is sd.state_dict["model"]["head.weight"]
+    other = BasicTensorAwareStateDict(original)
+    other.pop_tensors()
+    hollow = safe_loads(dumps(other))
+    hollow.init_tensors()
+    assert hollow.state_dict["model"]["emb.weight"] is hollow.state_dict["model"]["head.weight"]
+    assert len(hollow.pop_tensors()) == 3
+    with pytest.raises(ValueError, match="got 4 tensors for 3"):
+        hollow.insert_tensors(tensors + [torch.ones(1)])
+    with pytest.raises(ValueError, match="got 2 tensors"):
+        hollow.insert_tensors(tensors[:2])
+
+
+def test_aliases_that_are_not_the_same_view_stay_separate():
+    base = torch.arange(12.0)
+    state = {"a": base, "b": base[:6], "c": base.view(3, 4), "d": base.view(torch.int32),
+             "e": torch.empty(0), "f": torch.empty(0), "p": torch.nn.Parameter(base), "g": base.detach()}
+    sd = BasicTensorAwareStateDict(state)
+    tensors = sd.pop_tensors()
+    assert len(tensors) == 7, "only 'g' is the same view as 'a' (a Parameter is kept apart)"
+    assert sd.state_dict["g"].index == sd.state_dict["a"].index
+    sd.insert_tensors(tensors)
+    assert_same(sd.state_dict, {**state, "g": base})
+
+
+def test_copy_tensors_to_cpu_keeps_tied_tensors_tied():
+    pool = HostBufferPool(pin=False)
+    sd = BasicTensorAwareStateDict(tied_state(), pool=pool)
+    sd.copy_tensors_to_cpu()
+    model = sd.state_dict["model"]
+    assert model["emb.weight"] is model["head.weight"]
+    assert torch.equal(model["emb.weight"], tied_state()["model"]["emb.weight"])
+    assert pool.allocated_bytes < 1.5 * 1000 * 16 * 4, "the shared weight is staged once"
+    sd.restore_tensor_device()
+    assert sd.state_dict["model"]["emb.weight"] is sd.state_dict["model"]["head.weight"]
+
+
+def test_tied_tensors_survive_a_save_and_load(tmp_path):
+    from tasd.managers import LocalCheckpointManager
+
+    state = tied_state()
+    m = LocalCheckpointManager(tmp_path, "tied")
+    m.save(BasicTensorAwareStateDict(state), 1)
+    files = list(m.local_ckpt_dir.iterdir())
+    weight_bytes = 1000 * 16 * 4
+    assert sum(f.stat().st_size for f in files) < 1.5 * weight_bytes, "the shared weight is written once"
+    loaded, ckpt_id = LocalCheckpointManager(tmp_path, "tied").load()
+    assert ckpt_id == (1, 0, "tied")
+    model = loaded.state_dict["model"]
+    assert model["emb.weight"] is model["head.weight"]
+    assert_same(loaded.state_dict, state)
+    lm = TiedLM()
+    lm.load_state_dict(model)
+    assert lm.head.weight is lm.emb.weight and torch.equal(lm.emb.weight, state["model"]["emb.weight"])

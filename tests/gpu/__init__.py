@@ -1,0 +1,1 @@
+"""CUDA tests (see conftest.py: marked gpu, skipped without CUDA)."""
