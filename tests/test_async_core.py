@@ -49,6 +49,11 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
+def _write_fifo(path: str) -> None:
+    with open(path, "w") as f:  # blocks until a reader opens the FIFO: nobody does
+        f.write("never")
+
+
 def _gc_state() -> bool:
     import gc
     return gc.isenabled()
@@ -56,6 +61,59 @@ def _gc_state() -> bool:
 
 def _assert_gc_disabled() -> None:
     assert not _gc_state()
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def _fifo(directory) -> str:
+    path = os.path.join(str(directory), "stuck.fifo")
+    os.mkfifo(path)
+    return path
+
+
+def _worker_pid(q: AsyncCallsQueue) -> int:
+    """Pid of the worker running the queue's newest call."""
+    caller = q._persistent_caller if q.persistent else q._calls[-1][1]
+    return caller._proc.pid
+
+
+def _gone(pid: int, within_s: float = 0.0) -> bool:
+    """Whether process ``pid`` has exited (a zombie counts as exited), waiting up to ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+class _Recorder:
+    """An AsyncRequest handle that records what the queue tells it, and whether the worker that
+    ran its call was still alive when the call was dropped."""
+
+    def __init__(self, fail: bool = False):
+        self.events: list = []
+        self.fail = fail
+        self.pid: int | None = None
+
+    def scheduled(self, queue, call_idx):
+        caller = queue._calls[-1][1]
+        proc = getattr(queue._persistent_caller if queue.persistent else caller, "_proc", None)
+        self.pid = None if proc is None else proc.pid
+        self.events.append(("scheduled", call_idx))
+        if self.fail:
+            raise RuntimeError("handle failure in scheduled")
+
+    def dropped(self, reason):
+        self.events.append(("dropped", reason, None if self.pid is None else not _gone(self.pid)))
+        if self.fail:
+            raise RuntimeError("handle failure in dropped")
 
 
 # -- rank bodies ------------------------------------------------------------------------------
@@ -115,8 +173,14 @@ def _rank_process_group(rank, world):
     except CheckpointingException as e:
         message = str(e)
     n = q.get_num_unfinalized_calls()
+    try:  # the refused call holds its index: the next finalize reports it on every rank
+        q.maybe_finalize_async_calls(blocking=True)
+        reported = None
+    except CheckpointingException as e:
+        reported = str(e)
+    n_after = q.get_num_unfinalized_calls()
     q.close()
-    return message, n
+    return message, n, reported, n_after
 
 
 # -- tests ------------------------------------------------------------------------------------
@@ -192,27 +256,48 @@ def test_preload_fn_runs_at_schedule_and_replaces_arg1(tmp_path, persistent):
 
 
 @KINDS
-def test_blocking_wait_times_out(persistent):
-    q = AsyncCallsQueue(persistent=persistent, wait_timeout_s=0.5)
-    q.schedule_async_request(AsyncRequest(_sleep, (30.0,), []))
+def test_blocking_wait_times_out_and_kills_the_hung_writer(tmp_path, persistent):
+    fifo = _fifo(tmp_path)
+    q = AsyncCallsQueue(persistent=persistent, wait_timeout_s=1.0)
+    q.schedule_async_request(AsyncRequest(_write_fifo, (fifo,), []))  # a stuck disk: blocks forever
+    hung_pid = _worker_pid(q)
+    q.schedule_async_request(AsyncRequest(_write_file, (str(tmp_path / "behind"), "x"), []))
     start = time.monotonic()
-    with pytest.raises(CheckpointingException, match="did not finish within"):
+    with pytest.raises(CheckpointingException, match="call 0 did not finish within 1s"):
         q.maybe_finalize_async_calls(blocking=True, no_dist=True)
+    assert time.monotonic() - start < 10
+    assert _gone(hung_pid), "the hung writer's worker was not killed"
+    if persistent:  # the killed worker's other outstanding call failed with it
+        with pytest.raises(CheckpointingException, match="call 0 did not finish"):
+            q.maybe_finalize_async_calls(no_dist=True)
+    else:
+        assert q.maybe_finalize_async_calls(blocking=True, no_dist=True) == [1]
+    q.wait_timeout_s = WAIT_S  # a new persistent worker needs a moment to start
+    idx = q.schedule_async_request(AsyncRequest(_write_file, (str(tmp_path / "after"), "y"), []))
+    assert _worker_pid(q) != hung_pid  # persistent: a new worker
+    assert q.maybe_finalize_async_calls(blocking=True, no_dist=True) == [idx]
+    assert (tmp_path / "after").read_text() == "y"
     q.close()
-    assert time.monotonic() - start < 10 and q.get_num_unfinalized_calls() == 0
+    assert q.get_num_unfinalized_calls() == 0
 
 
 def test_persistent_rejects_process_group(ranks):
-    for message, n in _fast_ranks(ranks, _rank_process_group, 2):
+    for message, n, reported, n_after in _fast_ranks(ranks, _rank_process_group, 2):
         assert message is not None and "cannot be sent to the persistent worker" in message
-        assert n == 0
+        assert n == 1 and n_after == 0
+        assert reported is not None and "failed on rank(s) [0, 1]" in reported
+        assert "cannot be sent to the persistent worker" in reported
 
 
 def test_persistent_rejects_lambda():
     q = AsyncCallsQueue(persistent=True, wait_timeout_s=WAIT_S)
     with pytest.raises(CheckpointingException, match="cannot be sent to the persistent worker"):
         q.schedule_async_request(AsyncRequest(lambda: None, (), []))
+    assert q.get_num_unfinalized_calls() == 1  # recorded as failed: the queue keeps its index
+    with pytest.raises(CheckpointingException, match="could not be started on rank 0"):
+        q.maybe_finalize_async_calls(no_dist=True)
     assert q.get_num_unfinalized_calls() == 0
+    assert q._persistent_caller is None or q._persistent_caller._proc is None, "nothing was started"
     q.close()
 
 
@@ -321,3 +406,285 @@ def test_dead_rank_fails_finalize_everywhere_and_orphaned_worker_exits(tmp_path,
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not os.path.exists(f"/proc/{pid}"), "persistent worker outlived its training process"
+
+
+# -- the agreement runs on tasd's own gloo group; idle polls and plain schedules are free ------------
+
+def _rank_cpu_group(rank, world, tmp, persistent):
+    from tasd import device
+    from tasd.managers import collectives
+    used, syncs = [], []
+    real_all_reduce, real_all_gather, real_sync = dist.all_reduce, dist.all_gather, device.synchronize
+
+    def all_reduce(*args, **kwargs):
+        used.append(kwargs.get("group"))
+        return real_all_reduce(*args, **kwargs)
+
+    def all_gather(*args, **kwargs):
+        used.append(kwargs.get("group"))
+        return real_all_gather(*args, **kwargs)
+
+    dist.all_reduce, dist.all_gather, device.synchronize = all_reduce, all_gather, lambda: syncs.append(1)
+    try:
+        q = AsyncCallsQueue(persistent=persistent, wait_timeout_s=WAIT_S)
+        idle = (q.maybe_finalize_async_calls(), len(used), len(syncs))
+        q.schedule_async_request(AsyncRequest(_raise_on_rank, (rank, os.path.join(tmp, f"r{rank}")), []))
+        plain_schedule_syncs = len(syncs)
+        with pytest.raises(CheckpointingException, match="boom on rank 1"):  # the failure path gathers texts
+            q.maybe_finalize_async_calls(blocking=True)
+        q.schedule_async_request(AsyncRequest(_write_file, (os.path.join(tmp, f"p{rank}"), "stale"), [],
+                                              preload_fn=lambda: "fresh"))
+        preload_syncs = len(syncs) - plain_schedule_syncs
+        finalized = q.maybe_finalize_async_calls(blocking=True)
+        q.close()
+    finally:
+        dist.all_reduce, dist.all_gather, device.synchronize = real_all_reduce, real_all_gather, real_sync
+    cpu = collectives.cpu_group()
+    return (idle, plain_schedule_syncs, preload_syncs, finalized, len(used) > 0,
+            all(g is cpu for g in used), cpu is not None and cpu is not dist.group.WORLD)
+
+
+@KINDS
+def test_agreement_uses_tasd_cpu_group_and_syncs_only_after_a_preload(ranks, tmp_path, persistent):
+    for idle, plain_syncs, preload_syncs, finalized, any_used, all_cpu, own in _fast_ranks(
+            ranks, _rank_cpu_group, 2, str(tmp_path), persistent):
+        assert idle == ([], 0, 0), "a poll with nothing pending makes no collective and no device sync"
+        assert plain_syncs == 0, "schedule without a preload_fn must not wait for the device"
+        assert preload_syncs == 1 and finalized == [1]
+        assert any_used and all_cpu and own, "every agreement collective runs on collectives.cpu_group()"
+
+
+# -- a call that cannot start on one rank keeps the queues in step --------------------------------
+
+def _rank_start_fails(rank, world, tmp, persistent):
+    import errno
+    import multiprocessing.process
+    real_start = multiprocessing.process.BaseProcess.start
+
+    def no_memory(self):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    if rank == 1:
+        multiprocessing.process.BaseProcess.start = no_memory
+    q = AsyncCallsQueue(persistent=persistent, wait_timeout_s=WAIT_S)
+    handle = _Recorder()
+    try:
+        idx = q.schedule_async_request(AsyncRequest(_write_file, (os.path.join(tmp, f"r{rank}"), "x"), [],
+                                                    handle=handle))
+    finally:
+        multiprocessing.process.BaseProcess.start = real_start
+    try:
+        q.maybe_finalize_async_calls(blocking=True)
+        message = None
+    except CheckpointingException as e:
+        message = str(e)
+    events_at_raise = list(handle.events)
+    grad = torch.tensor([float(rank + 1)])
+    dist.all_reduce(grad)  # the training's own collective pairs with its peer's
+    again = q.schedule_async_request(AsyncRequest(_write_file, (os.path.join(tmp, f"again{rank}"), "y"), []))
+    finalized = q.maybe_finalize_async_calls(blocking=True)
+    q.close()
+    return idx, message, events_at_raise, grad.item(), again, finalized
+
+
+@KINDS
+def test_failed_start_on_one_rank_fails_the_call_on_every_rank(ranks, tmp_path, persistent):
+    for idx, message, events, grad, again, finalized in _fast_ranks(
+            ranks, _rank_start_fails, 2, str(tmp_path), persistent):
+        assert idx == 0
+        assert message is not None and "failed on rank(s) [1]" in message
+        assert "could not be started on rank 1" in message and "Cannot allocate memory" in message
+        assert [e[0] for e in events] == ["scheduled", "dropped"] and events[0][1] == 0
+        assert "Cannot allocate memory" in events[1][1]
+        assert grad == 3.0 and again == 1 and finalized == [1]
+
+
+# -- hung writers: bounded waits, no orphans --------------------------------------------------------
+
+def _rank_hung_writer(rank, world, tmp, persistent):
+    q = AsyncCallsQueue(persistent=persistent, wait_timeout_s=WAIT_S)
+    q.schedule_async_request(AsyncRequest(None, (), []))  # start a persistent worker (seconds on a busy machine)
+    assert q.maybe_finalize_async_calls(blocking=True) == [0]
+    q.wait_timeout_s = None  # from now on: the job's collective timeout (4 s here)
+    target = _fifo(os.path.join(tmp, "hung")) if rank == 1 else os.path.join(tmp, "r0")
+    q.schedule_async_request(AsyncRequest(_write_fifo if rank == 1 else _write_file,
+                                          (target,) if rank == 1 else (target, "x"), []))
+    pid = _worker_pid(q)
+    start = time.monotonic()  # rank 0 enters the agreement at once and waits there, in rounds
+    try:
+        q.maybe_finalize_async_calls(blocking=True)
+        message = None
+    except CheckpointingException as e:
+        message = str(e)
+    waited = time.monotonic() - start
+    killed = _gone(pid, within_s=2.0) if rank == 1 else True
+    timeout = q.wait_timeout()
+    q.wait_timeout_s = WAIT_S
+    idx = q.schedule_async_request(AsyncRequest(_write_file, (os.path.join(tmp, f"after{rank}"), "y"), []))
+    finalized = q.maybe_finalize_async_calls(blocking=True)
+    q.close()
+    return timeout, message, waited, killed, finalized == [idx]
+
+
+@KINDS
+def test_hung_writer_fails_on_every_rank_within_the_job_timeout(tmp_path, persistent):
+    from tasd.launch import run_ranks
+    os.makedirs(tmp_path / "hung")
+    results = run_ranks(_rank_hung_writer, 2, str(tmp_path), persistent, timeout_s=60, collective_timeout_s=4)
+    for rank, (timeout, message, waited, killed, reused) in enumerate(results):
+        assert timeout == 4.0
+        assert message is not None and "failed on rank(s) [1]" in message
+        assert "did not finish within 4s" in message
+        assert waited < 15 and killed and reused
+
+
+def _rank_killed_while_writer_hangs(rank, world, tmp, persistent):
+    q = AsyncCallsQueue(persistent=persistent, wait_timeout_s=WAIT_S)
+    q.schedule_async_request(AsyncRequest(_write_fifo, (_fifo(tmp),), []))
+    pid = _worker_pid(q)
+    time.sleep(1.0)  # the worker is blocked opening the FIFO
+    with open(os.path.join(tmp, "worker.pid"), "w") as f:
+        f.write(str(pid))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@KINDS
+def test_worker_stuck_in_a_call_exits_when_its_rank_is_killed(tmp_path, persistent):
+    from tasd.launch import RankFailure, run_ranks
+    with pytest.raises(RankFailure):
+        run_ranks(_rank_killed_while_writer_hangs, 1, str(tmp_path), persistent, timeout_s=60)
+    pid = int((tmp_path / "worker.pid").read_text())
+    try:
+        assert _gone(pid, within_s=5.0), "a worker stuck in a call outlived its killed rank"
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+# -- dropped calls: shared memory released, handles told after their worker is gone ----------------
+
+def _shm_links() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        count += "/dev/shm/" in target or "torch_" in target
+    return count
+
+
+def test_dropped_request_releases_its_shared_memory(tmp_path):
+    import gc
+    import weakref
+    q = AsyncCallsQueue(persistent=True, wait_timeout_s=WAIT_S)
+    q.schedule_async_request(AsyncRequest(_write_fifo, (_fifo(tmp_path),), []))  # the worker is stuck
+    before = _shm_links()
+    t = torch.ones(1 << 20)  # 4 MiB, sent through shared memory
+    storage = weakref.ref(t.untyped_storage())
+    q.schedule_async_request(AsyncRequest(_write_file, (str(tmp_path / "never"), t), []))
+    assert _shm_links() > before  # the descriptor waits in multiprocessing's resource sharer
+    del t
+    q.close(abort=True)  # the queued request is never unpickled
+    gc.collect()
+    assert storage() is None
+    assert _shm_links() == before, "a dropped request's shared memory is still referenced by a descriptor"
+
+
+@KINDS
+def test_handle_protocol(tmp_path, persistent):
+    ok = _Recorder()
+    q = AsyncCallsQueue(persistent=persistent, wait_timeout_s=WAIT_S)
+    q.schedule_async_request(AsyncRequest(_write_file, (str(tmp_path / "ok"), "x"), [], handle=ok))
+    assert q.maybe_finalize_async_calls(blocking=True, no_dist=True) == [0]
+    assert ok.events == [("scheduled", 0)], "a finalized call is never dropped"
+
+    hung = _Recorder()
+    q.wait_timeout_s = 1.0
+    q.schedule_async_request(AsyncRequest(_write_fifo, (_fifo(tmp_path),), [], handle=hung))
+    with pytest.raises(CheckpointingException, match="did not finish within"):
+        q.maybe_finalize_async_calls(blocking=True, no_dist=True)
+    assert [e[0] for e in hung.events] == ["scheduled", "dropped"]
+    assert "did not finish within" in hung.events[1][1] and hung.events[1][2] is False, \
+        "dropped() was called while the worker could still run the call"
+    q.wait_timeout_s = WAIT_S
+
+    failing = _Recorder(fail=True)  # a handle that raises does not stop the queue
+    idx = q.schedule_async_request(AsyncRequest(_raise_on_rank, (1, str(tmp_path / "f")), [], handle=failing))
+    assert idx == 2
+    with pytest.raises(CheckpointingException, match="boom on rank 1"):
+        q.maybe_finalize_async_calls(blocking=True, no_dist=True)
+    assert [e[0] for e in failing.events] == ["scheduled", "dropped"] and q.get_num_unfinalized_calls() == 0
+
+    aborted = _Recorder()
+    os.remove(tmp_path / "stuck.fifo")
+    q.schedule_async_request(AsyncRequest(_write_fifo, (_fifo(tmp_path),), [], handle=aborted))
+    time.sleep(0.3)
+    q.close(abort=True)
+    assert [e[0] for e in aborted.events] == ["scheduled", "dropped"]
+    assert "aborted" in aborted.events[1][1] and aborted.events[1][2] is False
+
+
+def test_request_handle_field_is_nvrx_compatible():
+    positional = AsyncRequest(_sleep, (0.0,), [], {}, None, False, 5)
+    assert positional.handle is None and positional.call_idx == 5
+    handle = _Recorder()
+    req = AsyncRequest(_sleep, (0.0,), [], handle=handle)
+    assert req.freeze().handle is handle and req._replace(call_idx=3).handle is handle
+    copy = pickle.loads(pickle.dumps(req))
+    assert copy.handle is None and copy.async_fn is _sleep and copy._replace(handle=1).handle == 1
+
+
+@KINDS
+def test_global_abort_discards_a_pending_staging_buffer_at_once(tmp_path, persistent):
+    from tasd.staging import HostBufferPool
+    pool = HostBufferPool(shared=True)
+    ckpt = TorchAsyncCheckpoint(persistent_queue=persistent, wait_timeout_s=WAIT_S, pool=pool)
+    ckpt.queue.schedule_async_request(AsyncRequest(_write_fifo, (_fifo(tmp_path),), []))
+    ckpt.async_save({"w": torch.randn(1 << 14)}, tmp_path / "w.pt")  # persistent: queued behind
+    assert pool.in_use_bytes > 0
+    abort_async_checkpoints()
+    assert pool.in_use_bytes == 0 and pool.pooled_bytes == 0, "a dropped call's buffer is discarded"
+    ckpt.close()
+
+
+# -- the persistent worker does not run an unguarded training script again -------------------------
+
+_UNGUARDED_SCRIPT = '''
+import os, sys
+with open(sys.argv[1], "a") as f:
+    f.write("imported\\n")
+from tasd.managers.async_ckpt import AsyncCallsQueue, AsyncRequest
+from tasd.managers.errors import CheckpointingException
+
+def local_fn(path):
+    with open(path, "w") as f:
+        f.write("local")
+
+q = AsyncCallsQueue(persistent=True, wait_timeout_s=60)
+q.schedule_async_request(AsyncRequest(os.mkdir, (sys.argv[2] + ".dir",), []))
+assert q.maybe_finalize_async_calls(blocking=True, no_dist=True) == [0]
+q.schedule_async_request(AsyncRequest(local_fn, (sys.argv[2] + ".local",), []))
+try:
+    q.maybe_finalize_async_calls(blocking=True, no_dist=True)
+    result = "no error"
+except CheckpointingException as e:
+    result = str(e)
+q.close()
+with open(sys.argv[2], "w") as f:
+    f.write(result)
+'''
+
+
+def test_unguarded_script_is_not_run_again_by_the_persistent_worker(tmp_path):
+    import subprocess
+    import sys
+    script, marker, out = tmp_path / "train.py", tmp_path / "marker", tmp_path / "out"
+    script.write_text(_UNGUARDED_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(marker), str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert marker.read_text() == "imported\n", "the worker imported the training script again"
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.dir").is_dir() and not (tmp_path / "out.local").exists()
+    result = out.read_text()
+    assert "async_fn must be importable" in result and "local_fn" in result

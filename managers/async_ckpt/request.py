@@ -9,6 +9,24 @@ process) and ``finalize_fns`` run afterwards in the scheduling process, once eve
 it is called in the *scheduling* process when the request is started (before forking or pickling),
 and its return value replaces ``async_fn_args[1]`` (NVRx's convention: argument 1 is the state to
 write). A request with a ``preload_fn`` therefore needs at least two positional arguments.
+
+Handles: the optional last field ``handle`` lets whoever made a request learn what became of its
+call. :class:`tasd.managers.async_ckpt.AsyncCallsQueue` calls two optional methods on it, on the
+scheduling (training) thread, locally (never collective); an exception raised by either is logged
+and does not stop the queue's own bookkeeping:
+
+- ``handle.scheduled(queue, call_idx)``: once the call has its index and is recorded in ``queue``
+  (also when its start failed: the call is then recorded as failed and is reported at the next
+  finalize).
+- ``handle.dropped(reason: str)``: the call will never be finalized: it failed on some rank
+  (called on every rank after the ranks agreed, before the CheckpointingException is raised), its
+  peers could not be reached, or the queue was closed or aborted with it pending. When it is
+  called, no worker still runs the call (it finished, or its worker was killed), so buffers the
+  call reads may be reused or freed.
+
+A successful call calls neither: its ``finalize_fns`` run. The handle never leaves the process:
+pickling a request drops it (None in the copy), and the persistent worker never receives it.
+Queues that do not know handles (megatron-core's own ``AsyncCallsQueue``) ignore the field.
 """
 
 from __future__ import annotations
@@ -35,13 +53,16 @@ class _AsyncRequestFields(NamedTuple):
     preload_fn: Callable | None = None
     is_frozen: bool = False
     call_idx: int = 0
+    handle: Any = None
 
 
 class AsyncRequest(_AsyncRequestFields):
     """One asynchronous call: ``async_fn`` (None: nothing to run in the background) with
     ``async_fn_args``/``async_fn_kwargs`` (``None`` gives a fresh empty dict per request), then
     ``finalize_fns`` (called without arguments, in order, in the scheduling process), an optional
-    ``preload_fn`` (see the module docstring), ``is_frozen`` and the ``call_idx`` the queue assigned.
+    ``preload_fn`` (see the module docstring), ``is_frozen``, the ``call_idx`` the queue assigned
+    and an optional ``handle`` (see the module docstring; kept by :meth:`freeze` and ``_replace``,
+    dropped by pickling). Field order and defaults are NVRx's, ``handle`` added last.
 
     Requests given to a persistent queue must be picklable (module-level functions, no process
     groups, no lambdas); temporal (forked) queues accept anything.
@@ -51,10 +72,18 @@ class AsyncRequest(_AsyncRequestFields):
 
     def __new__(cls, async_fn: Callable | None, async_fn_args: tuple, finalize_fns: list,
                 async_fn_kwargs: dict | None = None, preload_fn: Callable | None = None,
-                is_frozen: bool = False, call_idx: int = 0) -> "AsyncRequest":
+                is_frozen: bool = False, call_idx: int = 0, handle: Any = None) -> "AsyncRequest":
         return super().__new__(cls, async_fn, tuple(async_fn_args), list(finalize_fns),
                                {} if async_fn_kwargs is None else async_fn_kwargs, preload_fn,
-                               is_frozen, call_idx)
+                               is_frozen, call_idx, handle)
+
+    def __reduce__(self) -> tuple:
+        """Pickling (any protocol) and deepcopy keep every field but the handle, which is local to
+        this process."""
+        return type(self), tuple(self)[:-1] + (None,)
+
+    def __copy__(self) -> "AsyncRequest":
+        return self._replace()
 
     def add_finalize_fn(self, fn: Callable[[], Any]) -> None:
         """Append ``fn`` to the finalize functions (in place). Raises CheckpointingException when
@@ -67,28 +96,35 @@ class AsyncRequest(_AsyncRequestFields):
         """A frozen copy (its own finalize list); the queue freezes every request it schedules."""
         return self._replace(is_frozen=True, finalize_fns=list(self.finalize_fns))
 
+    def check_args(self) -> None:
+        """Raise CheckpointingException when there is a preload_fn but fewer than two positional
+        arguments (nothing for its result to replace). Local."""
+        if self.preload_fn is not None and len(self.async_fn_args) < 2:
+            raise CheckpointingException(
+                "AsyncRequest.preload_fn replaces async_fn_args[1]; the request has "
+                f"{len(self.async_fn_args)} positional argument(s)")
+
     def resolved_args(self) -> tuple:
         """``async_fn_args`` with ``preload_fn()``'s result in position 1 when a preload_fn is set
-        (calls preload_fn: local, not collective). Raises CheckpointingException when there is a
-        preload_fn but fewer than two positional arguments."""
+        (calls preload_fn: local, not collective). Raises like :meth:`check_args`, before calling
+        the preload_fn."""
+        self.check_args()
         args = list(self.async_fn_args)
         if self.preload_fn is not None:
-            if len(args) < 2:
-                raise CheckpointingException(
-                    "AsyncRequest.preload_fn replaces async_fn_args[1]; the request has "
-                    f"{len(args)} positional argument(s)")
             args[1] = self.preload_fn()
         return tuple(args)
 
     def execute_sync(self) -> None:
         """Run the request synchronously in this process: preload_fn (if any), async_fn, a barrier
-        when torch.distributed is initialized (collective then: every rank must call it), then the
-        finalize functions in order. Exceptions propagate as they come."""
+        when torch.distributed is initialized (collective then: every rank must call it; on
+        :func:`tasd.managers.collectives.cpu_group`, never the training's communicator), then the
+        finalize functions in order. The handle is not told anything. Exceptions propagate as
+        they come."""
         args = self.resolved_args()
         if self.async_fn is not None:
             self.async_fn(*args, **self.async_fn_kwargs)
         if collectives.is_distributed():
-            torch.distributed.barrier()
+            torch.distributed.barrier(group=collectives.cpu_group())
         for fn in self.finalize_fns:
             fn()
 

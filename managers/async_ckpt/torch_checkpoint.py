@@ -42,6 +42,18 @@ def _save_staged(hollow: bytes, buffer: torch.Tensor, layouts: list[TensorLayout
     _atomic_torch_save(sd.state_dict, path)
 
 
+class _StagingHandle:
+    """Handle (see :mod:`tasd.managers.async_ckpt.request`) of a staged save's call: the call's
+    first finalize function returns the buffer to its pool; a dropped call's buffer is discarded
+    (never pooled again)."""
+
+    def __init__(self, staged: Staged):
+        self.staged = staged
+
+    def dropped(self, reason: str) -> None:
+        self.staged.discard()
+
+
 class TorchAsyncCheckpoint:
     """Saves state dicts with ``torch.save``, synchronously or in the background.
 
@@ -50,8 +62,9 @@ class TorchAsyncCheckpoint:
     :meth:`finalize_async_save` regularly and :meth:`close` at the end. Snapshots are staged into
     one reused shared-memory buffer per save from ``pool`` (default: the process-wide shared
     pool), which a persistent worker receives without a copy; state dicts holding tensors that
-    cannot be staged (sparse, quantized) are copied with :func:`preload_tensors` instead. The
-    buffer of a call that failed or was dropped is never reused (its worker may still read it).
+    cannot be staged (sparse, quantized) are copied with :func:`preload_tensors` instead. A
+    finalized call's buffer goes back to the pool; the buffer of a call that failed or was dropped
+    is discarded, never reused (through the request's handle, when the queue drops the call).
     """
 
     def __init__(self, persistent_queue: bool = True, wait_timeout_s: float | None = None,
@@ -60,7 +73,6 @@ class TorchAsyncCheckpoint:
         self.pool = pool or default_pool(shared=True)
         if not self.pool.shared:
             raise ValueError("pool must be a HostBufferPool(shared=True): its buffers go to worker processes")
-        self._staged: dict[Any, Staged] = {}  # finalize function of a scheduled call -> its buffer
 
     def _request(self, state_dict: Any, path: str, finalize_fns: list) -> AsyncRequest:
         sd = BasicTensorAwareStateDict(state_dict)
@@ -72,27 +84,16 @@ class TorchAsyncCheckpoint:
             return AsyncRequest(_atomic_torch_save, (snapshot, path), finalize_fns)
         hollow = pickle.dumps(sd, protocol=pickle.HIGHEST_PROTOCOL)
         staged = stage(tensors, self.pool)
-        done = staged.release  # the call succeeded everywhere: the buffer goes back to the pool
-        self._staged[done] = staged
-        return AsyncRequest(_save_staged, (hollow, staged.buffer, staged.layouts, path), [done, *finalize_fns])
-
-    def _reap(self) -> None:
-        """Forget the buffers of calls the queue no longer holds: finalized ones were released,
-        failed or dropped ones are discarded."""
-        for fn in [fn for fn in self._staged if self.queue.holds(fn) is None]:
-            self._staged.pop(fn).discard()
+        return AsyncRequest(_save_staged, (hollow, staged.buffer, staged.layouts, path),
+                            [staged.release, *finalize_fns], handle=_StagingHandle(staged))
 
     def async_save(self, state_dict: Any, path: str | os.PathLike, finalize_fns: list | None = None) -> int:
         """Start saving ``state_dict`` to ``path`` in the background; returns the call index.
-        Local, not collective. Raises TypeError for a leaf hiding a tensor, CheckpointingException
-        when the state cannot be pickled for a persistent worker."""
-        self._reap()
+        Local, not collective. Raises TypeError for a leaf hiding a tensor, and what
+        :meth:`AsyncCallsQueue.schedule_async_request` raises (a call that could not start is
+        reported by the next finalize)."""
         req = self._request(state_dict, os.fspath(path), list(finalize_fns or []))
-        try:
-            return self.queue.schedule_async_request(req)
-        except BaseException:
-            self._reap()
-            raise
+        return self.queue.schedule_async_request(req)
 
     def save(self, state_dict: Any, path: str | os.PathLike) -> None:
         """Synchronous ``torch.save`` (same atomic write as the background one). Local."""
@@ -103,17 +104,12 @@ class TorchAsyncCheckpoint:
         """:meth:`AsyncCallsQueue.maybe_finalize_async_calls` (collective when ``no_dist`` is
         False); ``terminate`` then closes the queue (its workers stop). Returns finalized indices;
         raises CheckpointingException for a failed save."""
-        try:
-            done = self.queue.maybe_finalize_async_calls(blocking=blocking, no_dist=no_dist)
-            if terminate:
-                self.queue.close(no_dist=no_dist)
-        finally:
-            self._reap()
+        done = self.queue.maybe_finalize_async_calls(blocking=blocking, no_dist=no_dist)
+        if terminate:
+            self.queue.close(no_dist=no_dist)
         return done
 
     def close(self, abort: bool = False) -> None:
-        """Finish pending saves locally (``no_dist=True``) and stop the worker; ``abort`` kills it."""
-        try:
-            self.queue.close(abort=abort, no_dist=True)
-        finally:
-            self._reap()
+        """Finish pending saves locally (``no_dist=True``) and stop the worker; ``abort`` kills it
+        and drops pending saves."""
+        self.queue.close(abort=abort, no_dist=True)
