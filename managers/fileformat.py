@@ -3,23 +3,35 @@
 Layout (all integers little-endian)::
 
     offset 0      preamble, 24 bytes: magic b"TASDPART", u64 header length H, u64 xxh3_64 of header
-    offset 24     header: H bytes of UTF-8 JSON (below)
+    offset 24     header: H bytes of UTF-8 JSON (below), H <= MAX_HEADER_BYTES
     24 + H        hollow state dict: restricted pickle (tasd.serialization), hollow.nbytes bytes
-    data.offset   tensor bytes, contiguous (the staging buffer itself), data.offset % 4096 == 0
+                  (<= tasd.serialization.MAX_HOLLOW_BYTES), then zero padding
+    data.offset   tensor bytes (the staging buffer itself); data.offset is 24 + H + hollow.nbytes
+                  rounded up to a multiple of 4096
     end           == data.offset + data.nbytes exactly
 
-Header JSON::
+Header JSON (format_version 2)::
 
-    {"format_version": 1, "iteration": int, "owner_rank": int, "world_size": int,
-     "session_id": str, "replication": {...} | null,
+    {"format_version": 2, "iteration": int, "owner_rank": int, "world_size": int,
+     "session_id": str, "replication": {str: str | int | bool | null} | null,
+     "save_id": str, "job_id": str,
      "hollow": {"nbytes": int, "xxh3": "16 hex"},
      "data": {"offset": int, "nbytes": int, "chunk_bytes": int, "chunk_xxh3": ["16 hex", ...]},
      "tensors": [[dtype, [shape...], offset, nbytes], ...]}   # offsets within the data section
 
-Tensor ``i`` of the hollow state dict's placeholders is ``tensors[i]``. Writers write
-``<name>.dirty``, fsync it, rename it to ``<name>`` and fsync the directory, so a file with its final
-name is complete. Readers check the preamble, header checksum and every field before use, the hollow
-bytes and each data chunk against their checksums, and never run code from the file.
+``save_id`` identifies one save, agreed by all ranks (parts of different saves of one iteration are
+different checkpoints); ``job_id`` the job that saved it. Tensor ``i`` of the hollow state dict's
+placeholders is ``tensors[i]``; tensors follow one another in that order without overlapping (the
+bytes between them are staging padding, covered by the checksums). ``chunk_xxh3[k]`` is the xxh3_64
+of data bytes ``[k * chunk_bytes, (k + 1) * chunk_bytes)``.
+
+Every number is bounded (:class:`PartMeta` for the identity fields, ``MAX_INT``/``MAX_NDIM`` for
+shapes, the file size for offsets and sizes), so reading hostile bytes costs memory and time
+proportional to the header and hollow sizes at most, and every malformed input is a
+CorruptCheckpointError. Writers write ``<name>.dirty``, fsync it, rename it to ``<name>`` and fsync
+the directory, so a file with its final name is complete. Readers check the preamble, header
+checksum and every field before use, the hollow bytes and each data chunk against their checksums,
+and never run code from the file (the hollow decoder is :func:`tasd.serialization.safe_loads`).
 
 This module is the format: encoding a part to bytes and validating bytes (from a file or a peer).
 Reading and writing files is :mod:`tasd.managers.partio`.
@@ -38,20 +50,25 @@ from typing import Any, Sequence
 import torch
 import xxhash
 
-from tasd import device
+from tasd import device, serialization
+from tasd.managers.errors import CorruptCheckpointError
 from tasd.serialization import safe_loads
 from tasd.staging import TensorLayout
-from tasd.managers.errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
 
 MAGIC = b"TASDPART"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PREAMBLE = struct.Struct("<8sQQ")
 DATA_ALIGNMENT = device.HOST_ALIGNMENT
 CHUNK_BYTES = 64 << 20  # checksum and I/O granularity
-MAX_HEADER_BYTES = 1 << 30
-DIRTY_SUFFIX = ".dirty"
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 4 << 10, 1 << 30  # what a reader accepts (powers of two)
+MAX_HEADER_BYTES = 64 << 20  # about a million tensors
+MAX_INT = (1 << 63) - 1  # iterations, offsets, sizes, dimensions
+MAX_WORLD_SIZE = 1 << 31
+MAX_NDIM = 64
+MAX_SESSION_CHARS = 255  # a directory name
+MAX_ID_CHARS = 128  # save_id, job_id
 
 _DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
@@ -75,15 +92,70 @@ def _align(n: int, a: int = DATA_ALIGNMENT) -> int:
     return (n + a - 1) // a * a
 
 
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def _is_text(v: Any, max_chars: int) -> bool:
+    if type(v) is not str or len(v) > max_chars:
+        return False
+    try:
+        v.encode()  # lone surrogates (valid JSON escapes) are not text
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _show(v: Any) -> str:
+    """``repr(v)`` for an error message, short (a huge integer has no repr)."""
+    try:
+        return repr(v)[:200]
+    except ValueError:
+        return "a huge integer"
+
+
+def _check_settings(s: Any) -> bool:
+    """Replication settings as headers record them: a small flat dict of plain values."""
+    return s is None or (type(s) is dict and len(s) <= 16 and all(
+        _is_text(k, 64) and (v is None or type(v) is bool or _is_int(v, -MAX_INT, MAX_INT) or _is_text(v, 64))
+        for k, v in s.items()))
+
+
 @dataclass(frozen=True)
 class PartMeta:
-    """What a part's header records besides its layout."""
+    """What a part's header records besides its layout: which part of which save it is.
+
+    ``save_id`` identifies one save, agreed by all ranks (filled by the manager); ``job_id`` the
+    job the save belongs to. Construction validates every field (ValueError naming it): the bounds
+    a reader enforces, so that nothing written is later refused.
+    """
 
     iteration: int
     owner_rank: int
     world_size: int
     session_id: str = ""
     replication: dict | None = None
+    save_id: str = ""
+    job_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.iteration, 0, MAX_INT):
+            raise ValueError(f"PartMeta.iteration must be an integer in [0, 2**63), got {_show(self.iteration)}")
+        if not _is_int(self.world_size, 1, MAX_WORLD_SIZE):
+            raise ValueError(f"PartMeta.world_size must be an integer in [1, 2**31], got {_show(self.world_size)}")
+        if not _is_int(self.owner_rank, 0, self.world_size - 1):
+            raise ValueError(f"PartMeta.owner_rank must be an integer in [0, world_size={self.world_size}), "
+                             f"got {_show(self.owner_rank)}")
+        if not _is_text(self.session_id, MAX_SESSION_CHARS):
+            raise ValueError(f"PartMeta.session_id must be text of at most {MAX_SESSION_CHARS} characters, "
+                             f"got {_show(self.session_id)}")
+        for name in ("save_id", "job_id"):
+            if not _is_text(getattr(self, name), MAX_ID_CHARS):
+                raise ValueError(f"PartMeta.{name} must be text of at most {MAX_ID_CHARS} characters, "
+                                 f"got {_show(getattr(self, name))}")
+        if not _check_settings(self.replication):
+            raise ValueError(f"PartMeta.replication must be None or a flat dict of at most 16 plain values, "
+                             f"got {_show(self.replication)}")
 
 
 @dataclass
@@ -106,7 +178,11 @@ class PartHeader:
 
 
 def as_bytes(buffer: torch.Tensor) -> memoryview:
-    return memoryview(buffer.numpy()).cast("B") if buffer.numel() else memoryview(b"")
+    """A byte view of a 1-D uint8 host tensor (writable unless empty)."""
+    if not buffer.numel():
+        return memoryview(b"")
+    view = memoryview(buffer.numpy())
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 # torch initializes its numpy bridge on the first .numpy() call, once, under a C++ static guard. If
@@ -120,9 +196,13 @@ def chunks(nbytes: int, chunk: int) -> list[tuple[int, int]]:
 
 
 def encode_header(meta: PartMeta, hollow: bytes, layouts: Sequence[TensorLayout], data_nbytes: int,
-                   chunk_sums: Sequence[int]) -> tuple[bytes, int]:
+                  chunk_sums: Sequence[int]) -> tuple[bytes, int]:
     """(preamble + header + hollow bytes, data offset). Checksum fields are fixed-width, so the
-    length does not depend on their values."""
+    length does not depend on their values. ValueError when the header or hollow state dict is
+    larger than a reader accepts."""
+    if len(hollow) > serialization.MAX_HOLLOW_BYTES:
+        raise ValueError(f"hollow state dict of {len(hollow)} bytes exceeds MAX_HOLLOW_BYTES "
+                         f"({serialization.MAX_HOLLOW_BYTES})")
     # The tensor table is the large part (one entry per tensor): encode it once.
     tensors = json.dumps([[dtype_name(l.dtype), list(l.shape), l.offset, l.nbytes] for l in layouts],
                          separators=(",", ":"))
@@ -134,6 +214,7 @@ def encode_header(meta: PartMeta, hollow: bytes, layouts: Sequence[TensorLayout]
             "format_version": FORMAT_VERSION,
             "iteration": meta.iteration, "owner_rank": meta.owner_rank, "world_size": meta.world_size,
             "session_id": meta.session_id, "replication": meta.replication,
+            "save_id": meta.save_id, "job_id": meta.job_id,
             "hollow": {"nbytes": len(hollow), "xxh3": hollow_sum},
             "data": {"offset": data_offset, "nbytes": data_nbytes, "chunk_bytes": CHUNK_BYTES, "chunk_xxh3": sums},
         }
@@ -147,6 +228,9 @@ def encode_header(meta: PartMeta, hollow: bytes, layouts: Sequence[TensorLayout]
         if needed == data_offset:
             break
         data_offset = needed
+    if len(text) > MAX_HEADER_BYTES:
+        raise ValueError(f"part header of {len(text)} bytes ({len(layouts)} tensors) exceeds MAX_HEADER_BYTES "
+                         f"({MAX_HEADER_BYTES})")
     pre = PREAMBLE.pack(MAGIC, len(text), xxhash.xxh3_64_intdigest(text))
     return pre + text + hollow, data_offset
 
@@ -170,14 +254,14 @@ def corrupt(path: Path | str, reason: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{where} is unusable: {reason}")
 
 
-def _int(obj: dict, key: str, path: Path, minimum: int = 0) -> int:
+def _int(obj: dict, key: str, path: Path | str, minimum: int = 0, maximum: int = MAX_INT) -> int:
     v = obj.get(key)
-    if type(v) is not int or v < minimum:
-        raise corrupt(path, f"header field {key!r} must be an integer >= {minimum}, got {v!r}")
+    if not _is_int(v, minimum, maximum):
+        raise corrupt(path, f"header field {key!r} must be an integer in [{minimum}, {maximum}], got {_show(v)}")
     return v
 
 
-def _hexint(v: Any, what: str, path: Path) -> int:
+def _hexint(v: Any, what: str, path: Path | str) -> int:
     if not isinstance(v, str) or len(v) != 16:
         raise corrupt(path, f"{what} is not a 16-digit hex checksum")
     try:
@@ -186,52 +270,68 @@ def _hexint(v: Any, what: str, path: Path) -> int:
         raise corrupt(path, f"{what} is not a 16-digit hex checksum") from None
 
 
-def _parse_header(path: Path, raw: bytes, file_size: int) -> PartHeader:
+def _parse_meta(h: dict, path: Path | str) -> PartMeta:
+    fields = {k: h.get(k) for k in ("iteration", "owner_rank", "world_size", "session_id", "replication",
+                                    "save_id", "job_id")}
     try:
-        h = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise corrupt(path, f"header is not valid JSON ({e})") from None
-    if not isinstance(h, dict):
-        raise corrupt(path, "header is not a JSON object")
-    if h.get("format_version") != FORMAT_VERSION:
-        raise corrupt(path, f"unsupported format_version {h.get('format_version')!r} (this reader: {FORMAT_VERSION})")
-    session = h.get("session_id")
-    repl = h.get("replication")
-    if not isinstance(session, str) or not (repl is None or isinstance(repl, dict)):
-        raise corrupt(path, "header fields session_id/replication have wrong types")
-    meta = PartMeta(_int(h, "iteration", path), _int(h, "owner_rank", path), _int(h, "world_size", path, 1),
-                    session, repl)
-    hollow, data = h.get("hollow"), h.get("data")
-    if not isinstance(hollow, dict) or not isinstance(data, dict):
-        raise corrupt(path, "header lacks the hollow/data sections")
-    hollow_offset = PREAMBLE.size + len(raw)
-    hollow_nbytes = _int(hollow, "nbytes", path)
-    data_offset, data_nbytes = _int(data, "offset", path), _int(data, "nbytes", path)
-    chunk_bytes = _int(data, "chunk_bytes", path, 1)
-    sums = data.get("chunk_xxh3")
-    if data_offset % DATA_ALIGNMENT or data_offset < hollow_offset + hollow_nbytes:
-        raise corrupt(path, f"data offset {data_offset} is misaligned or overlaps the header")
-    if data_offset + data_nbytes != file_size:
-        raise corrupt(path, f"file has {file_size} bytes, header says {data_offset + data_nbytes} (truncated?)")
-    if not isinstance(sums, list) or len(sums) != math.ceil(data_nbytes / chunk_bytes):
-        raise corrupt(path, "chunk checksum list does not match the data size")
-    tensors = h.get("tensors")
+        return PartMeta(**fields)
+    except ValueError as e:
+        raise corrupt(path, f"header {str(e).removeprefix('PartMeta.')}") from None
+
+
+def _parse_layouts(tensors: Any, data_nbytes: int, path: Path | str) -> list[TensorLayout]:
     if not isinstance(tensors, list):
         raise corrupt(path, "header field 'tensors' is not a list")
-    layouts = []
+    layouts, end = [], 0
     for i, entry in enumerate(tensors):
         if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[1], list)):
             raise corrupt(path, f"tensor entry {i} is malformed")
         name, shape, offset, nbytes = entry
         dtype = _DTYPES.get(name) if isinstance(name, str) else None
         if dtype is None:
-            raise corrupt(path, f"tensor entry {i} has unknown dtype {name!r}")
-        if not all(type(s) is int and s >= 0 for s in shape) or type(offset) is not int or type(nbytes) is not int:
+            raise corrupt(path, f"tensor entry {i} has unknown dtype {_show(name)}")
+        if (len(shape) > MAX_NDIM or not all(_is_int(s, 0, MAX_INT) for s in shape)
+                or not _is_int(offset, 0, data_nbytes) or not _is_int(nbytes, 0, data_nbytes)):
             raise corrupt(path, f"tensor entry {i} has a malformed shape/offset/size")
         itemsize = _ITEMSIZE[dtype]
-        if nbytes != math.prod(shape) * itemsize or offset < 0 or offset % itemsize or offset + nbytes > data_nbytes:
-            raise corrupt(path, f"tensor entry {i} ({name} {shape}) does not fit the data section")
+        if nbytes != math.prod(shape) * itemsize or offset % itemsize or offset + nbytes > data_nbytes:
+            raise corrupt(path, f"tensor entry {i} ({name} {_show(shape)}) does not fit the data section")
+        if offset < end:
+            raise corrupt(path, f"tensor entry {i} overlaps or precedes tensor {i - 1}")
+        end = offset + nbytes
         layouts.append(TensorLayout(dtype, tuple(shape), offset, nbytes))
+    return layouts
+
+
+def _parse_header(path: Path | str, raw: bytes, file_size: int) -> PartHeader:
+    try:
+        h = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit, nesting
+        raise corrupt(path, f"header is not valid JSON ({type(e).__name__}: {str(e):.200})") from None
+    if not isinstance(h, dict):
+        raise corrupt(path, "header is not a JSON object")
+    if h.get("format_version") != FORMAT_VERSION or type(h.get("format_version")) is not int:
+        raise corrupt(path, f"unsupported format_version {_show(h.get('format_version'))} "
+                            f"(this reader: {FORMAT_VERSION})")
+    meta = _parse_meta(h, path)
+    hollow, data = h.get("hollow"), h.get("data")
+    if not isinstance(hollow, dict) or not isinstance(data, dict):
+        raise corrupt(path, "header lacks the hollow/data sections")
+    hollow_offset = PREAMBLE.size + len(raw)
+    hollow_nbytes = _int(hollow, "nbytes", path, maximum=serialization.MAX_HOLLOW_BYTES)
+    data_offset, data_nbytes = _int(data, "offset", path), _int(data, "nbytes", path)
+    chunk_bytes = _int(data, "chunk_bytes", path, MIN_CHUNK_BYTES, MAX_CHUNK_BYTES)
+    if chunk_bytes & (chunk_bytes - 1):
+        raise corrupt(path, f"chunk size {chunk_bytes} is not a power of two")
+    if data_offset != _align(hollow_offset + hollow_nbytes):
+        raise corrupt(path, f"data offset {data_offset} is not where the hollow state dict ends "
+                            f"({_align(hollow_offset + hollow_nbytes)})")
+    if data_offset + data_nbytes != file_size:
+        raise corrupt(path, f"file has {file_size} bytes, header says {data_offset + data_nbytes} (truncated?)")
+    sums = data.get("chunk_xxh3")
+    if not isinstance(sums, list) or len(sums) != -(-data_nbytes // chunk_bytes):
+        raise corrupt(path, "chunk checksum list does not match the data size")
+    layouts = _parse_layouts(h.get("tensors"), data_nbytes, path)
     return PartHeader(meta, hollow_offset, hollow_nbytes, _hexint(hollow.get("xxh3"), "hollow checksum", path),
                       data_offset, data_nbytes, chunk_bytes,
                       [_hexint(s, f"chunk checksum {i}", path) for i, s in enumerate(sums)], layouts)
@@ -245,7 +345,7 @@ def parse_preamble(pre: bytes, size: int, path: Path | str) -> tuple[int, int]:
     if magic != MAGIC:
         raise corrupt(path, "bad magic (not a tasd part file)")
     if header_len > min(MAX_HEADER_BYTES, size - PREAMBLE.size):
-        raise corrupt(path, f"header length {header_len} exceeds the file")
+        raise corrupt(path, f"header length {header_len} exceeds the file or MAX_HEADER_BYTES")
     return header_len, header_sum
 
 
@@ -282,7 +382,7 @@ def verify_data(header: PartHeader, buffer: torch.Tensor, origin: str) -> None:
     data = as_bytes(buffer)
     if len(data) != header.data_nbytes:
         raise corrupt(origin, f"data has {len(data)} bytes, the header says {header.data_nbytes}")
-    check_checksums(header, chunk_checksums(data), origin)
+    check_checksums(header, [checksum(data[o:o + n]) for o, n in chunks(len(data), header.chunk_bytes)], origin)
 
 
 def check_checksums(header: PartHeader, sums: Sequence[int], origin: str) -> None:
@@ -293,31 +393,49 @@ def check_checksums(header: PartHeader, sums: Sequence[int], origin: str) -> Non
         check_chunk((i, got), header, origin)
 
 
-def check_chunk(result: tuple[int, int], header: PartHeader, path: Path) -> None:
+def check_chunk(result: tuple[int, int], header: PartHeader, path: Path | str) -> None:
     i, got = result
     if got != header.chunk_xxh3[i]:
         raise corrupt(path, f"checksum mismatch in data chunk {i} (bytes {i * header.chunk_bytes}..)")
 
 
+#: dtypes whose tensors have a numpy view (the fast way to a byte view of a storage).
+_NUMPY_DTYPES = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+                           torch.uint32, torch.uint64, torch.float16, torch.float32, torch.float64, torch.complex64,
+                           torch.complex128})
+
+
+def own_storage(layout: TensorLayout) -> tuple[torch.Tensor, memoryview]:
+    """An uninitialized tensor for ``layout`` in a storage of exactly its own bytes, and a writable
+    byte view of that storage (empty for an empty tensor)."""
+    t = torch.empty(layout.shape, dtype=layout.dtype)
+    if not layout.nbytes:
+        return t, memoryview(b"")
+    if layout.dtype in _NUMPY_DTYPES:
+        return t, memoryview(t.numpy()).cast("B")
+    return t, as_bytes(t.reshape(-1).view(torch.uint8))
+
+
 @dataclass
 class LoadedPart:
-    """A decoded part: validated header, hollow object and the data buffer."""
+    """A decoded part: validated header, hollow object and its tensors (in placeholder order), each
+    in a storage of exactly its own bytes, so a tensor kept keeps nothing else alive."""
 
     header: PartHeader
     hollow: Any
-    buffer: torch.Tensor
+    loaded: list[torch.Tensor]
 
     def tensors(self) -> list[torch.Tensor]:
-        """The tensors in placeholder index order, each with a storage of its own over ``buffer``."""
-        return [lay.standalone(self.buffer) for lay in self.header.layouts]
+        """The tensors in placeholder index order (``t.untyped_storage().nbytes() == t.nbytes``)."""
+        return list(self.loaded)
 
 
 def decode_hollow(raw: bytes | memoryview, where: str) -> Any:
-    """Unpickle a hollow state dict with the restricted unpickler; any failure becomes a
+    """Decode a hollow state dict with the bounded restricted decoder; any refusal becomes a
     CorruptCheckpointError naming ``where``."""
     try:
         return safe_loads(raw)
-    except Exception as e:  # malformed pickles raise many types; none may escape unwrapped
+    except serialization.UnsafeCheckpointError as e:
         raise CorruptCheckpointError(f"{where}: hollow state dict cannot be decoded safely: {e}") from e
 
 
@@ -332,5 +450,13 @@ class RawPart:
     buffer: torch.Tensor
 
     def decode(self, where: str) -> LoadedPart:
-        """Decode the hollow state dict safely (CorruptCheckpointError naming ``where``)."""
-        return LoadedPart(self.header, decode_hollow(self.hollow, where), self.buffer)
+        """Decode the hollow state dict safely (CorruptCheckpointError naming ``where``) and copy
+        each tensor out of ``buffer`` once into a storage of its own: the LoadedPart does not
+        reference ``buffer``, which its holder may then release."""
+        hollow = decode_hollow(self.hollow, where)
+        data, tensors = as_bytes(self.buffer), []
+        for lay in self.header.layouts:
+            t, dst = own_storage(lay)
+            dst[:] = data[lay.offset:lay.offset + lay.nbytes]
+            tensors.append(t)
+        return LoadedPart(self.header, hollow, tensors)

@@ -1,9 +1,15 @@
 """Part files on disk: durable, atomic writes and fully verified reads (format: :mod:`fileformat`).
 
-Writes go to ``<name>.dirty``, are fsync'd, renamed to ``<name>``, and the directory is fsync'd;
-the aligned bulk of the data goes through O_DIRECT where the file system allows it. Reads check
-the header, the hollow bytes and every data chunk; hashing runs in a thread (GIL released) while
-I/O goes on. Nothing here is collective.
+Writes go to ``<name>.dirty`` (a stale one is removed first; it is created exclusively and never
+through a symbolic link), are fsync'd, renamed to ``<name>``, and the directory is fsync'd; the
+aligned bulk of the data goes through O_DIRECT where the file system allows it.
+
+Reads open only regular files, without following symbolic links and without blocking (a FIFO or
+device named like a part is reported as CorruptCheckpointError, never waited on), and check the
+header, the hollow bytes and every data chunk; hashing runs in a thread (xxhash releases the GIL)
+while the next bytes are read. :func:`read_part` reads the data section straight into one
+allocation per tensor (scatter reads of at most IOV_MAX pieces), so a tensor kept from a load
+keeps only its own bytes alive. Nothing here is collective.
 """
 
 from __future__ import annotations
@@ -11,21 +17,33 @@ from __future__ import annotations
 import errno
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import stat
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+import xxhash
 
 from tasd import device
-from tasd.managers.fileformat import (CHUNK_BYTES, DATA_ALIGNMENT, DIRTY_SUFFIX, PREAMBLE, LoadedPart, PartHeader,
+from tasd.managers.fileformat import (CHUNK_BYTES, DATA_ALIGNMENT, PREAMBLE, LoadedPart, PartHeader,
                                       PartMeta, RawPart, as_bytes, check_chunk, check_header_bytes, check_hollow,
-                                      checksum, chunk_checksums, chunks, corrupt, encode_header, parse_preamble)
+                                      checksum, chunk_checksums, chunks, corrupt, decode_hollow, encode_header,
+                                      own_storage, parse_preamble)
+from tasd.managers.partnames import DIRTY_SUFFIX
 from tasd.staging import TensorLayout
+
+#: Most pieces one scatter read takes (the system's IOV_MAX).
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 1024
+#: Bytes one scatter read fills at most: the next batch is read while this one is hashed.
+READ_BATCH_BYTES = 16 << 20
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 def _open_for_write(path: str, direct: bool) -> tuple[int, bool]:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
     if direct and hasattr(os, "O_DIRECT"):
         try:
             return os.open(path, flags | os.O_DIRECT, 0o644), True
@@ -52,7 +70,8 @@ def fsync_dir(path: Path) -> None:
 def write_part(path: Path, meta: PartMeta, hollow: bytes, buffer: torch.Tensor,
                layouts: Sequence[TensorLayout], direct_io: bool = True) -> int:
     """Encode and write one part (see :func:`write_encoded`); the data's checksums are computed
-    in a thread (GIL released) while the data is written. Returns the file size. Not collective."""
+    in a thread (GIL released) while the data is written. Returns the file size. ValueError when
+    the header or hollow state dict exceeds what a reader accepts. Not collective."""
     data = as_bytes(buffer)
     with ThreadPoolExecutor(1) as hasher:
         sums = hasher.submit(chunk_checksums, data)
@@ -73,12 +92,18 @@ def write_encoded(path: Path, data_offset: int, buffer: torch.Tensor, prefix: by
     """Write a part atomically: ``path.dirty``, fsync, rename to ``path``, fsync the directory.
 
     ``buffer`` (1-D uint8, host) goes at ``data_offset``, then ``prefix`` (bytes, or a function
-    giving them once the data is written) at 0. With ``direct_io`` the aligned bulk of the data goes
-    through O_DIRECT where the file system allows it. On any error the ``.dirty`` file is removed
-    and the error propagates (OSError as it comes). Returns the file size. Not collective.
+    giving them once the data is written) at 0. A stale ``path.dirty`` is removed first and the new
+    one is created exclusively, never through a symbolic link. With ``direct_io`` the aligned bulk
+    of the data goes through O_DIRECT where the file system allows it. On any error the ``.dirty``
+    file is removed and the error propagates (OSError as it comes). Returns the file size. Not
+    collective.
     """
     data = as_bytes(buffer)
     tmp = str(path) + DIRTY_SUFFIX
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
     try:
         bulk = len(data) // DATA_ALIGNMENT * DATA_ALIGNMENT if direct_io else 0
         fd, direct = _open_for_write(tmp, direct_io and bulk > 0)
@@ -89,7 +114,7 @@ def write_encoded(path: Path, data_offset: int, buffer: torch.Tensor, prefix: by
                 _pwrite_all(fd, data[o:o + n], data_offset + o)
             if direct:  # the unaligned rest and the header go through the page cache
                 os.close(fd)
-                fd = os.open(tmp, os.O_WRONLY)
+                fd = os.open(tmp, os.O_WRONLY | _NOFOLLOW)
             for o, n in chunks(len(data) - bulk, CHUNK_BYTES):
                 _pwrite_all(fd, data[bulk + o:bulk + o + n], data_offset + bulk + o)
             _pwrite_all(fd, memoryview(prefix() if callable(prefix) else prefix), 0)
@@ -108,6 +133,35 @@ def write_encoded(path: Path, data_offset: int, buffer: torch.Tensor, prefix: by
     return data_offset + len(data)
 
 
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link", stat.S_IFIFO: "a FIFO",
+          stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+def open_part(path: Path) -> int:
+    """Open ``path`` for reading when it is a regular file; returns the descriptor (the caller
+    closes it). Never follows a symbolic link and never blocks: anything but a regular file
+    raises CorruptCheckpointError naming what it is; OSError (FileNotFoundError when it vanished)
+    when it cannot be opened. Not collective."""
+    path = Path(path)
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise corrupt(path, f"it is {_KINDS.get(stat.S_IFMT(st.st_mode), 'not a regular file')}, not a regular file")
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # replaced by a symbolic link since lstat
+            raise corrupt(path, "it is a symbolic link, not a regular file") from None
+        raise
+    try:
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise corrupt(path, "it was replaced while being opened")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _pread_exact(fd: int, n: int, offset: int, path: Path) -> bytes:
     out = os.pread(fd, n, offset)
     if len(out) != n:
@@ -116,12 +170,12 @@ def _pread_exact(fd: int, n: int, offset: int, path: Path) -> bytes:
 
 
 def read_header(path: Path, fd: int | None = None) -> PartHeader:
-    """Read and validate the preamble and header of ``path`` (CorruptCheckpointError if unusable;
-    OSError if it cannot be opened)."""
+    """Read and validate the preamble and header of ``path`` (CorruptCheckpointError if unusable,
+    including when it is not a regular file; OSError if it cannot be opened). Not collective."""
     path = Path(path)
     own = fd is None
     if own:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_part(path)
     try:
         size = os.fstat(fd).st_size
         header_len, header_sum = parse_preamble(os.pread(fd, PREAMBLE.size, 0), size, path)
@@ -133,7 +187,7 @@ def read_header(path: Path, fd: int | None = None) -> PartHeader:
 
 def _read_hollow(fd: int, header: PartHeader, path: Path) -> bytes:
     return check_hollow(_pread_exact(fd, header.data_offset - header.hollow_offset, header.hollow_offset, path),
-                         header, path)
+                        header, path)
 
 
 def _read_data(fd: int, header: PartHeader, path: Path, out: memoryview | None) -> None:
@@ -148,22 +202,102 @@ def _read_data(fd: int, header: PartHeader, path: Path, out: memoryview | None) 
                     check_chunk(f.result(), header, path)
                 pending = []
             dst = out[o:o + n] if out is not None else scratch[:n]
-            got = 0
-            while got < n:
-                k = os.preadv(fd, [dst[got:]], header.data_offset + o + got)
-                if k == 0:
-                    raise corrupt(path, f"short read in data chunk {i} (truncated?)")
-                got += k
+            _preadv_all(fd, [dst], header.data_offset + o, path)
             pending.append(hasher.submit(lambda d=dst, i=i: (i, checksum(d))))
         for f in pending:
             check_chunk(f.result(), header, path)
 
 
+def _preadv_all(fd: int, views: list[memoryview], offset: int, path: Path) -> None:
+    """Fill ``views`` (at most IOV_MAX byte views) from ``offset`` on, retrying short reads."""
+    while views:
+        n = os.preadv(fd, views, offset)
+        if n == 0:
+            raise corrupt(path, f"short read at offset {offset} (truncated?)")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+
+
+def _pieces(header: PartHeader, storages: list[memoryview]) -> Iterator[memoryview]:
+    """The data section as consecutive byte views, at most READ_BATCH_BYTES each: the tensors'
+    own storages, and fresh scratch for the padding between them (read only to be hashed)."""
+    pos = 0
+    for lay, view in zip(header.layouts, storages):
+        if lay.nbytes == 0:
+            continue
+        for gap in range(pos, lay.offset, READ_BATCH_BYTES):
+            yield memoryview(bytearray(min(READ_BATCH_BYTES, lay.offset - gap)))
+        for o in range(0, lay.nbytes, READ_BATCH_BYTES):
+            yield view[o:o + READ_BATCH_BYTES]
+        pos = lay.offset + lay.nbytes
+    for gap in range(pos, header.data_nbytes, READ_BATCH_BYTES):
+        yield memoryview(bytearray(min(READ_BATCH_BYTES, header.data_nbytes - gap)))
+
+
+class _ChunkHasher:
+    """Streams the data section's bytes, in order, through one xxh3 state per checksum chunk and
+    checks each chunk as it completes. Used from one thread at a time."""
+
+    def __init__(self, header: PartHeader, path: Path):
+        self.header, self.path = header, path
+        self.pos, self.state = 0, xxhash.xxh3_64()
+
+    def update(self, views: list[memoryview]) -> None:
+        size = self.header.chunk_bytes
+        for view in views:
+            while view:
+                room = size - self.pos % size
+                part, view = view[:room], view[room:]
+                self.state.update(part)
+                self.pos += len(part)
+                if self.pos % size == 0 or self.pos == self.header.data_nbytes:
+                    check_chunk(((self.pos - 1) // size, self.state.intdigest()), self.header, self.path)
+                    self.state = xxhash.xxh3_64()
+
+
+def _read_tensors(fd: int, header: PartHeader, path: Path) -> list[torch.Tensor]:
+    """The data section read straight into one allocation per tensor, every chunk checked."""
+    tensors, storages = [], []
+    for lay in header.layouts:
+        t, view = own_storage(lay)
+        tensors.append(t)
+        storages.append(view)
+    hasher = _ChunkHasher(header, path)
+    with ThreadPoolExecutor(1, thread_name_prefix="tasd-hash") as pool:
+        pending: list[Future] = []
+        batch: list[memoryview] = []
+        batch_bytes, offset = 0, header.data_offset
+        pieces = _pieces(header, storages)
+        while True:
+            piece = next(pieces, None)
+            if piece is not None:
+                batch.append(piece)
+                batch_bytes += len(piece)
+            if batch and (piece is None or len(batch) == IOV_MAX or batch_bytes >= READ_BATCH_BYTES):
+                _preadv_all(fd, list(batch), offset, path)
+                offset += batch_bytes
+                pending.append(pool.submit(hasher.update, batch))
+                while pending and pending[0].done():
+                    pending.pop(0).result()  # a mismatch stops the read early
+                batch, batch_bytes = [], 0
+            if piece is None:
+                break
+        for f in pending:
+            f.result()
+    if hasher.pos != header.data_nbytes:  # cannot happen: the pieces cover the data section
+        raise corrupt(path, f"read {hasher.pos} data bytes, the header says {header.data_nbytes}")
+    return tensors
+
+
 def verify_part(path: Path) -> PartHeader:
     """Check header, hollow and data checksums of ``path`` without keeping its data. Raises
-    CorruptCheckpointError (or OSError) when the file is unusable. Not collective."""
+    CorruptCheckpointError (also for anything but a regular file) or OSError when the file is
+    unusable. Not collective."""
     path = Path(path)
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_part(path)
     try:
         header = read_header(path, fd)
         _read_hollow(fd, header, path)
@@ -174,10 +308,10 @@ def verify_part(path: Path) -> PartHeader:
 
 
 def read_raw_part(path: Path) -> RawPart:
-    """Read a whole part, verifying every checksum, into a fresh aligned host buffer. Raises
-    CorruptCheckpointError (or OSError). Not collective."""
+    """Read a whole part, verifying every checksum, into a fresh aligned host buffer (to send to a
+    peer as is). Raises CorruptCheckpointError (or OSError). Not collective."""
     path = Path(path)
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_part(path)
     try:
         header = read_header(path, fd)
         prefix = _pread_exact(fd, header.data_offset, 0, path)
@@ -190,5 +324,13 @@ def read_raw_part(path: Path) -> RawPart:
 
 
 def read_part(path: Path) -> LoadedPart:
-    """:func:`read_raw_part` and decode the hollow state dict safely."""
-    return read_raw_part(path).decode(f"checkpoint file {path}")
+    """Read and verify a part, decode its hollow state dict safely, and read its tensors each into
+    a storage of its own. Raises CorruptCheckpointError (or OSError). Not collective."""
+    path = Path(path)
+    fd = open_part(path)
+    try:
+        header = read_header(path, fd)
+        hollow = decode_hollow(_read_hollow(fd, header, path), f"checkpoint file {path}")
+        return LoadedPart(header, hollow, _read_tensors(fd, header, path))
+    finally:
+        os.close(fd)
