@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tasd import device
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -29,7 +31,7 @@ def rank_and_size(group: Any = None) -> tuple[int, int]:
 def comm_device(group: Any = None) -> torch.device:
     """The device collectives of ``group`` need: CUDA for NCCL, CPU otherwise (gloo)."""
     if is_distributed() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+        return device.default_device()
     return torch.device("cpu")
 
 
@@ -43,6 +45,40 @@ def group_timeout(group: Any = None) -> Any:
         return pg._get_backend(comm_device(group)).options._timeout
     except Exception:  # private API: absent in some torch versions or backends
         return None
+
+
+#: Longest error text a rank contributes to :func:`gather_failures` (characters).
+MAX_FAILURE_TEXT = 2000
+
+_cpu_groups: dict[Any, Any] = {}
+
+
+def cpu_group(group: Any = None) -> Any:
+    """tasd's own gloo process group with the members of ``group`` (the world when None): the group
+    every small agreement collective of tasd runs on, so that tasd never issues work on the
+    training's communicators (NCCL or gloo), never waits for the GPU, and a failure or timeout of
+    its traffic cannot leave the training's groups unusable. None without torch.distributed (a
+    world of one).
+
+    Created on the first call for ``group`` and cached for the life of the process; that first call
+    is collective over ``group``'s members (over the world for the world group) and must be made on
+    the training thread at a point all ranks reach together (tasd makes it inside its collective
+    calls: save, find_latest, load, a queue's finalize). It inherits the job's collective timeout
+    (:func:`group_timeout`). Later calls are local.
+    """
+    if not is_distributed():
+        return None
+    key = group if group is not None and group is not dist.group.WORLD else None
+    found = _cpu_groups.get(key)
+    if found is None:
+        timeout = group_timeout(group)
+        if key is None:
+            found = dist.new_group(backend="gloo", timeout=timeout)
+        else:  # only the members call it
+            found = dist.new_group(dist.get_process_group_ranks(group), backend="gloo", timeout=timeout,
+                                   use_local_synchronization=True)
+        _cpu_groups[key] = found
+    return found
 
 
 def all_reduce_max(values: list[int], group: Any = None) -> list[int]:
@@ -79,9 +115,11 @@ def all_gather_json(obj: Any, group: Any = None) -> list[Any]:
 
 def gather_failures(error: BaseException | None, group: Any = None) -> dict[int, str]:
     """Agree on whether any rank failed: one all_reduce when none did; when some did, also their
-    messages (rank -> message). Every rank gets the same answer."""
+    messages (rank -> message, each cut to MAX_FAILURE_TEXT characters). Every rank gets the
+    same answer."""
     if all_reduce_max([1 if error is not None else 0], group)[0] == 0:
         return {}
     rank = rank_and_size(group)[0]
-    mine = {"rank": rank, "error": None if error is None else f"{type(error).__name__}: {error}"}
+    text = None if error is None else f"{type(error).__name__}: {error}"[:MAX_FAILURE_TEXT]
+    mine = {"rank": rank, "error": text}
     return {m["rank"]: m["error"] for m in all_gather_json(mine, group) if m["error"] is not None}

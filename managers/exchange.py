@@ -3,13 +3,23 @@
 A part travels as two buffers: its *prefix* (preamble, header with checksums, hollow state dict,
 padding: :func:`tasd.managers.fileformat.encode_prefix`) and its data section (the staging buffer
 itself). So a part costs a fixed number of point-to-point operations whatever its tensor count:
-one for its sizes, one for its prefix, one per data chunk. Receivers validate what arrives with the
+one for its sizes, one for its prefix, one per data piece. Receivers validate what arrives with the
 same checks as a file (header, hollow and chunk checksums) before anyone uses it.
 
-The communication device follows the group's backend (gloo: CPU, the host buffers are sent as
-they are; NCCL: CUDA, each data chunk is copied through a device buffer of at most
-``chunk_bytes``). Operations between the same two ranks are told apart by tags derived from the
-owner rank, so one plan may move several parts between the same pair.
+Parts live in host memory, so exchanges run on a gloo process group of tasd's own (a strategy's
+exchange group), never on the training's communicators and never through the GPU. The order of an
+exchange, in :func:`exchange_parts`:
+
+1. sizes: every sender tells its receivers the sizes of each part (a sender that failed to prepare
+   sends -1);
+2. receivers allocate their buffers;
+3. agreement: one all_reduce over the group of "did any rank fail to prepare or allocate?"; if so,
+   every rank raises before any data moves (no rank waits for a timeout, the group stays usable);
+4. prefixes, then the data sections in pieces, each landed piece hashed while the next ones are in
+   flight; then every received part is validated.
+
+Operations between the same two ranks are told apart by tags derived from the owner rank, so one
+plan may move several parts between the same pair.
 """
 
 from __future__ import annotations
@@ -23,16 +33,15 @@ import torch
 import torch.distributed as dist
 
 from tasd import device
-from tasd.staging import HostBufferPool
 from tasd.managers import collectives
-from tasd.managers.fileformat import (CHUNK_BYTES, RawPart, check_checksums, chunk_checksums, parse_prefix,
-                                      verify_data)
+from tasd.managers.errors import CheckpointingException, PeerUnreachableError
+from tasd.managers.fileformat import CHUNK_BYTES, RawPart, check_checksums, chunk_checksums, parse_prefix
+from tasd.staging import HostBufferPool
 
 logger = logging.getLogger(__name__)
 
-#: Largest piece of a data section moved by one operation (and device memory used per transfer):
-#: a multiple of the file format's checksum chunk, so each landed piece is verified while the next
-#: one is in flight.
+#: Largest piece of a data section moved by one operation: a multiple of the file format's checksum
+#: chunk, so each landed piece is verified while the next one is in flight.
 DEFAULT_CHUNK_BYTES = 2 * CHUNK_BYTES
 
 
@@ -53,109 +62,144 @@ class OutgoingPart:
     buffer: torch.Tensor
 
 
+class ExchangeAborted(CheckpointingException):
+    """The exchange was called off before any data moved because some rank failed to prepare."""
+
+
 def _tag(owner: int, kind: int) -> int:
     return owner * 4 + kind  # kind: 0 sizes, 1 prefix, 2 data
 
 
-def _run(ops: list[dist.P2POp]) -> None:
-    """Post ``ops`` as one batch and wait for all of them."""
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+def _run(ops: list[dist.P2POp]) -> list[Any]:
+    """Post ``ops`` as one batch; returns the works (empty for no ops)."""
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _unreachable(rank: int, step: str, e: BaseException) -> PeerUnreachableError:
+    return PeerUnreachableError(f"replica exchange ({step}): rank {rank} could not reach a peer "
+                                f"(a peer died or timed out): {e}")
 
 
 def exchange_parts(plan: Sequence[Transfer], outgoing: Mapping[int, OutgoingPart], group: Any = None,
-                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, pool: HostBufferPool | None = None) -> dict[int, RawPart]:
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, pool: HostBufferPool | None = None,
+                   failure: BaseException | None = None) -> dict[int, RawPart]:
     """Execute ``plan``: send the parts this rank is the source of (from ``outgoing``, keyed by
     owner) and return those it receives, keyed by owner, validated (not decoded).
 
-    Received data lands in fresh host memory, or in buffers acquired from ``pool`` (reused across
-    saves): the caller then releases them; on error they are released here.
+    Collective over ``group`` (a gloo group over the world; None: the world group, which must then
+    be gloo): every rank calls it with the same plan,
+    also ranks that send and receive nothing, and a rank that failed to prepare its outgoing parts
+    calls it with ``failure`` set. Received data lands in fresh (pageable) host memory, or in
+    buffers acquired from ``pool`` (the caller then releases them; on error they are released
+    here). No CUDA call is made: it may run in a background thread.
 
-    Collective over ``group`` in the sense that every rank named in the plan must call it with the
-    same plan; ranks not in it may skip it. Raises ValueError when ``outgoing`` lacks a part this
-    rank must send, CorruptCheckpointError when a received part fails validation, and the
-    backend's error when a peer dies (after the process group's timeout).
+    Raises, on every rank and before any data moves, when some rank failed to prepare or to
+    allocate: the failing rank its ``failure`` (or its allocation error), the others
+    ExchangeAborted. Raises ValueError when ``outgoing`` lacks a part this rank must send,
+    CorruptCheckpointError when a received part fails validation, PeerUnreachableError when a peer
+    dies or times out (after the group's timeout).
     """
     rank = dist.get_rank()
+    if dist.get_backend(group) != "gloo":
+        raise ValueError("exchange_parts moves host memory: it needs a gloo group (tasd's own), "
+                         f"got backend {dist.get_backend(group)!r}")
     sends = sorted(t for t in plan if t.src == rank and t.dst != rank)
     recvs = sorted(t for t in plan if t.dst == rank and t.src != rank)
-    missing = sorted({t.owner for t in sends} - set(outgoing))
-    if missing:
-        raise ValueError(f"rank {rank} must send the parts of owner(s) {missing} but does not hold them")
-    if len({(t.owner, t.src) for t in recvs}) != len(recvs) or len({t.owner for t in recvs}) != len(recvs):
+    if len({t.owner for t in recvs}) != len(recvs):
         raise ValueError(f"rank {rank} would receive the same owner's part more than once: {recvs}")
-    dev = collectives.comm_device(group)
+    missing = sorted({t.owner for t in sends} - set(outgoing))
+    if failure is None and missing:
+        failure = ValueError(f"rank {rank} must send the parts of owner(s) {missing} but does not hold them")
 
-    # 1. sizes of each part's prefix and data
-    sizes = {t: torch.empty(2, dtype=torch.int64, device=dev) for t in recvs}
-    ops = [dist.P2POp(dist.isend, torch.tensor([len(outgoing[t.owner].prefix), outgoing[t.owner].buffer.numel()],
-                                               dtype=torch.int64, device=dev), t.dst, group, _tag(t.owner, 0))
-           for t in sends]
+    # 1. sizes of each part's prefix and data (-1: the sender failed to prepare)
+    sizes = {t: torch.empty(2, dtype=torch.int64) for t in recvs}
+    ops = [dist.P2POp(dist.isend, torch.tensor([-1, -1] if failure is not None else
+                                               [len(outgoing[t.owner].prefix), outgoing[t.owner].buffer.numel()],
+                                               dtype=torch.int64), t.dst, group, _tag(t.owner, 0)) for t in sends]
     ops += [dist.P2POp(dist.irecv, sizes[t], t.src, group, _tag(t.owner, 0)) for t in recvs]
-    _run(ops)
+    try:
+        for work in _run(ops):
+            work.wait()
+    except Exception as e:
+        raise _unreachable(rank, "sizes", e) from e
     shape = {t: (int(sizes[t][0]), int(sizes[t][1])) for t in recvs}
 
-    # 2. prefixes (small): one batch
-    prefixes = {t: torch.empty(shape[t][0], dtype=torch.uint8, device=dev) for t in recvs}
-    ops = [dist.P2POp(dist.isend, torch.frombuffer(bytearray(outgoing[t.owner].prefix), dtype=torch.uint8).to(dev),
-                      t.dst, group, _tag(t.owner, 1)) for t in sends]
-    ops += [dist.P2POp(dist.irecv, prefixes[t], t.src, group, _tag(t.owner, 1)) for t in recvs]
-    _run(ops)
-
-    # 3. data sections in pieces of at most chunk_bytes; then validation
-    buffers = {t: device.empty_host(shape[t][1]) if pool is None else pool.acquire(shape[t][1]) for t in recvs}
-    overlap = chunk_bytes % CHUNK_BYTES == 0  # landed pieces hold whole checksum chunks
-    sums: dict[Transfer, list[Future]] = {t: [] for t in recvs}
-    hasher = ThreadPoolExecutor(1, thread_name_prefix="tasd-verify")
+    # 2. receive buffers (not for parts whose sender failed: it reports itself in the agreement)
+    buffers: dict[Transfer, torch.Tensor] = {}
+    if failure is None:
+        try:
+            for t in recvs:
+                if shape[t][0] >= 0 and shape[t][1] >= 0:
+                    buffers[t] = device.empty_host(shape[t][1], pin=False) if pool is None else pool.acquire(shape[t][1])
+        except Exception as e:  # MemoryError and the like: confined to this exchange
+            failure = e
+    # 3. agreement before any data moves
     try:
-        longest = max([outgoing[t.owner].buffer.numel() for t in sends] + [shape[t][1] for t in recvs], default=0)
-        starts = list(range(0, longest, chunk_bytes))
-        # On CPU every piece is posted at once (nothing to bound); through a device, one round of
-        # pieces at a time bounds the device memory used.
-        for round_starts in ([starts] if dev.type == "cpu" else [[x] for x in starts]):
-            ops, landing = [], []
-            for start in round_starts:
-                for t in sends:
-                    piece = outgoing[t.owner].buffer[start:start + chunk_bytes]
-                    if piece.numel():
-                        ops.append(dist.P2POp(dist.isend, piece.to(dev, non_blocking=True), t.dst, group,
-                                              _tag(t.owner, 2)))
-                        landing.append(None)
-                for t in recvs:
-                    piece = buffers[t][start:start + chunk_bytes]
-                    if piece.numel():
-                        on_dev = piece if dev.type == "cpu" else torch.empty_like(piece, device=dev)
-                        ops.append(dist.P2POp(dist.irecv, on_dev, t.src, group, _tag(t.owner, 2)))
-                        landing.append((t, piece, on_dev))
-            if dev.type != "cpu":
-                device.synchronize()  # host-to-device copies of the pieces to send
-            for work, landed in zip(dist.batch_isend_irecv(ops) if ops else [], landing):
-                work.wait()
-                if landed is None:
-                    continue
-                t, piece, on_dev = landed
-                if on_dev is not piece:
-                    piece.copy_(on_dev)
-                if overlap:  # hashed (GIL released) while the following pieces are in flight
-                    sums[t].append(hasher.submit(chunk_checksums, memoryview(piece.numpy())))
-        received = {}
-        for t in recvs:
-            origin = f"part of rank {t.owner} received by rank {rank} from rank {t.src}"
-            prefix = prefixes[t].cpu().numpy().tobytes()
-            header, hollow = parse_prefix(prefix, shape[t][1], origin)
-            if overlap:
-                check_checksums(header, [s for f in sums[t] for s in f.result()], origin)
-            else:
-                verify_data(header, buffers[t], origin)
-            received[t.owner] = RawPart(header, prefix, hollow, buffers[t])
+        try:
+            failures = collectives.gather_failures(failure, group)
+        except Exception as e:
+            raise _unreachable(rank, "agreement", e) from e
+        if failures:
+            if failure is not None:
+                raise failure
+            details = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
+            raise ExchangeAborted(f"replica exchange called off on rank {rank} before any data moved: rank(s) "
+                                  f"{sorted(failures)} failed to prepare or allocate: {details}")
+        return _move(rank, sends, recvs, outgoing, buffers, shape, group, chunk_bytes)
     except BaseException:
         if pool is not None:
             for buf in buffers.values():
                 pool.release(buf)
         raise
-    finally:
-        hasher.shutdown(wait=True)
+
+
+def _move(rank: int, sends: list[Transfer], recvs: list[Transfer], outgoing: Mapping[int, OutgoingPart],
+          buffers: dict[Transfer, torch.Tensor], shape: dict[Transfer, tuple[int, int]], group: Any,
+          chunk_bytes: int) -> dict[int, RawPart]:
+    """Steps 4 of :func:`exchange_parts`: prefixes, data pieces, validation."""
+    prefixes = {t: torch.empty(shape[t][0], dtype=torch.uint8) for t in recvs}
+    ops = [dist.P2POp(dist.isend, torch.frombuffer(bytearray(outgoing[t.owner].prefix), dtype=torch.uint8),
+                      t.dst, group, _tag(t.owner, 1)) for t in sends]
+    ops += [dist.P2POp(dist.irecv, prefixes[t], t.src, group, _tag(t.owner, 1)) for t in recvs]
+    try:
+        for work in _run(ops):
+            work.wait()
+    except Exception as e:
+        raise _unreachable(rank, "prefixes", e) from e
+
+    overlap = chunk_bytes % CHUNK_BYTES == 0  # landed pieces hold whole checksum chunks
+    sums: dict[Transfer, list[Future]] = {t: [] for t in recvs}
+    longest = max([outgoing[t.owner].buffer.numel() for t in sends] + [shape[t][1] for t in recvs], default=0)
+    ops, landing = [], []
+    for start in range(0, longest, chunk_bytes):  # host memory: every piece is posted at once
+        for t in sends:
+            piece = outgoing[t.owner].buffer[start:start + chunk_bytes]
+            if piece.numel():
+                ops.append(dist.P2POp(dist.isend, piece, t.dst, group, _tag(t.owner, 2)))
+                landing.append(None)
+        for t in recvs:
+            piece = buffers[t][start:start + chunk_bytes]
+            if piece.numel():
+                ops.append(dist.P2POp(dist.irecv, piece, t.src, group, _tag(t.owner, 2)))
+                landing.append((t, piece))
+    with ThreadPoolExecutor(1, thread_name_prefix="tasd-verify") as hasher:
+        try:
+            for work, landed in zip(_run(ops), landing):
+                work.wait()
+                if landed is not None and overlap:  # hashed (GIL released) while later pieces fly
+                    t, piece = landed
+                    sums[t].append(hasher.submit(chunk_checksums, memoryview(piece.numpy())))
+        except Exception as e:
+            raise _unreachable(rank, "data", e) from e
+        received = {}
+        for t in recvs:
+            origin = f"part of rank {t.owner} received by rank {rank} from rank {t.src}"
+            prefix = prefixes[t].numpy().tobytes()
+            header, hollow = parse_prefix(prefix, shape[t][1], origin)
+            got = ([s for f in sums[t] for s in f.result()] if overlap
+                   else chunk_checksums(memoryview(buffers[t].numpy())))
+            check_checksums(header, got, origin)
+            received[t.owner] = RawPart(header, prefix, hollow, buffers[t])
     logger.debug("rank %d sent %d and received %d parts", rank, len(sends), len(recvs))
     return received
 

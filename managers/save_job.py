@@ -1,19 +1,47 @@
-"""One save in progress (:class:`SaveJob`) and what a save cost (:class:`SaveStats`).
+"""One save of one iteration by this rank, from staging to publication (:class:`SaveJob`), and
+what it cost (:class:`SaveStats`).
 
-A job carries a save from staging to publication: the hollow bytes and staged tensors of this
-rank's part, the background replication (a Future) and its outcome. Synchronous saves create and
-finish a job inside ``save``; asynchronous ones keep it pending until the request's finalize
-function (or the manager, before a later save) finishes it. Plain data, no collectives.
+The save protocol, in order (every step that can fail on one rank is followed by an agreement, so
+a failure anywhere becomes an error on every rank and removes the iteration's files everywhere):
+
+1. **begin** (``BaseCheckpointManager.save``, training thread): check the arguments, stage the
+   tensors into a host buffer, prepare storage; agree (one all_reduce: every rank staged, same
+   iteration, and the save id: the maximum of every rank's random draw).
+2. **replicate** (with a strategy; inline for a synchronous save, in the manager's background
+   thread for an asynchronous one): encode the part, exchange parts with the peers on the
+   strategy's gloo group, store the received parts unpublished (``.pending``).
+3. **store** this rank's own part unpublished: inline, or the AsyncRequest's ``async_fn`` in a
+   worker process.
+4. **finalize** (collective, training thread): wait for 2, check 3 happened, agree everyone stored;
+   publish (newer or same-iteration parts left by an abandoned run are removed first, then every
+   stored part is renamed, and the directory fsync'd); agree everyone published; then older
+   iterations are removed in the background.
+   Or **drop** (local): the save failed on some rank (agreed), or its async call failed or was
+   never scheduled: wait for 2, free the staging buffer, remove the iteration's files.
+
+An asynchronous save's AsyncRequest carries its job as ``handle``: the AsyncCallsQueue tells the
+job where its call is (``scheduled``) and when it will never be finalized (``dropped``), so a
+failed call is cleaned up on every rank as soon as the queue agrees it failed.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from tasd.managers.fileformat import PartMeta
+from tasd.managers.async_ckpt import AsyncRequest
+from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
+from tasd.managers.exchange import OutgoingPart, Transfer, exchange_parts
+from tasd.managers.fileformat import PartMeta, RawPart, encode_prefix
 from tasd.staging import Staged
+
+if TYPE_CHECKING:
+    from tasd.managers.base_manager import BaseCheckpointManager
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,30 +63,192 @@ class SaveStats:
     extra: dict = field(default_factory=dict)
 
 
-@dataclass(eq=False)
 class SaveJob:
-    """A save of ``meta.iteration`` by this rank, from staging to publication.
+    """A save of ``meta.iteration`` by this rank (see the module docstring for the protocol).
 
-    ``owners``: owner ranks of the parts this rank stores (its own, then those it holds for
-    peers). ``error``: the first local failure (staging, exchange or writes). ``replication``:
-    the background exchange (None when synchronous or without replication). ``finalize_fn``: the
-    function handed to the AsyncRequest (identifies the job's call in a queue). ``done``: finalized
-    (published, or failed and cleaned up).
+    ``owners``: owner ranks of the parts this rank stores (its own, then those it holds for peers).
+    ``error``: the first local failure of steps 2-3. ``replication``: the background exchange (a
+    Future; None when synchronous or without replication). ``queue``/``call_idx``: where the async
+    call runs, once scheduled on a tasd AsyncCallsQueue. ``done``: finalized or dropped.
     """
 
-    meta: PartMeta
-    hollow: bytes
-    staged: Staged
-    started: float
-    owners: list[int]
-    stats: SaveStats
-    own_call: tuple[Callable[..., int], tuple] | None = None  # stores the own part (see _own_part_call)
-    prefix: bytes | None = None
-    error: BaseException | None = None
-    replication: Future | None = None
-    finalize_fn: Callable[[], None] | None = None
-    done: bool = False
+    def __init__(self, manager: "BaseCheckpointManager", meta: PartMeta, hollow: bytes, staged: Staged,
+                 owners: list[int], stats: SaveStats, started: float, is_async: bool):
+        self.manager = manager
+        self.meta = meta
+        self.hollow = hollow
+        self.staged = staged
+        self.owners = owners
+        self.stats = stats
+        self.started = started
+        self.is_async = is_async
+        self.stored_metas: list[PartMeta] = [meta]  # own part, then received ones
+        self.prefix: bytes | None = None
+        self.error: BaseException | None = None
+        self.replication: Future | None = None
+        self.queue: Any = None
+        self.call_idx: int | None = None
+        self.done = False
+        self.own_call: tuple[Callable[..., int], tuple] = manager._own_part_call(meta, hollow, staged)
 
     @property
     def iteration(self) -> int:
         return self.meta.iteration
+
+    def __repr__(self) -> str:
+        return f"SaveJob(iteration={self.iteration}, rank={self.meta.owner_rank}, done={self.done})"
+
+    # -- 2. replicate ------------------------------------------------------------------------------
+    def replicate(self) -> None:
+        """Encode this rank's part, exchange parts with peers (collective over the strategy's
+        group: every rank runs it, also after a local failure) and store the received ones,
+        unpublished. Records a failure in ``error`` instead of raising (may run in the background
+        thread, which must touch no CUDA state and no group but the strategy's)."""
+        m = self.manager
+        t = time.perf_counter()
+        failure = None
+        try:
+            self.prefix = encode_prefix(self.meta, self.hollow, self.staged.layouts, self.staged.buffer)
+        except Exception as e:
+            failure = e
+        self.stats.encode_s = time.perf_counter() - t
+        t = time.perf_counter()
+        received: list[RawPart] = []
+        try:
+            strategy, rank, world = m.repl_strategy, m.rank, m.world_size
+            plan = ([Transfer(rank, rank, h) for h in strategy.holders(rank, world)]
+                    + [Transfer(o, o, rank) for o in strategy.held_owners(rank, world)])
+            outgoing = {} if failure is not None else {rank: OutgoingPart(self.prefix, self.staged.buffer)}
+            got = exchange_parts(plan, outgoing, group=strategy.group, pool=m.receive_pool, failure=failure)
+            received = [got[o] for o in sorted(got)]
+            t1 = time.perf_counter()
+            self.stats.exchange_s = t1 - t
+            for part in received:
+                self._check_received(part)
+            for part in received:
+                self.stats.file_bytes += m._write_encoded(part.header.meta, part.prefix, part.buffer)
+                self.stored_metas.append(part.header.meta)
+            self.stats.write_s += time.perf_counter() - t1
+        except Exception as e:
+            logger.debug("rank %d: replication of iteration %d failed: %s", m.rank, self.iteration, e)
+            self.error = e
+        finally:
+            for part in received:
+                m.receive_pool.release(part.buffer)
+
+    def _check_received(self, part: RawPart) -> None:
+        got, want = part.header.meta, self.meta
+        if (got.iteration, got.world_size, got.session_id, got.save_id) != (
+                want.iteration, want.world_size, want.session_id, want.save_id):
+            raise CorruptCheckpointError(
+                f"rank {want.owner_rank} received a part of rank {got.owner_rank} for iteration {got.iteration}, "
+                f"world size {got.world_size}, session {got.session_id!r}, save {got.save_id} where it expected "
+                f"iteration {want.iteration}, world size {want.world_size}, session {want.session_id!r}, save "
+                f"{want.save_id}")
+
+    # -- 3. store ----------------------------------------------------------------------------------
+    def store_own(self) -> None:
+        """Store this rank's own part unpublished, inline (synchronous saves). Records a failure
+        in ``error``."""
+        if self.error is not None:
+            return
+        t = time.perf_counter()
+        try:
+            if self.prefix is not None:  # encoded for the exchange: written as sent
+                self.manager._write_encoded(self.meta, self.prefix, self.staged.buffer)
+            else:
+                fn, args = self.own_call
+                fn(*args)
+        except Exception as e:
+            self.error = e
+        self.stats.write_s += time.perf_counter() - t
+
+    def request(self) -> AsyncRequest:
+        """The AsyncRequest of an asynchronous save: ``async_fn`` stores the own part (module-level,
+        plain-data arguments plus the staging buffer), ``finalize`` publishes, ``handle`` is this job."""
+        fn, args = self.own_call
+        return AsyncRequest(fn, args, [self.finalize], handle=self)
+
+    # -- the AsyncRequest handle protocol (called by AsyncCallsQueue, local) -------------------------
+    def scheduled(self, queue: Any, call_idx: int) -> None:
+        self.queue, self.call_idx = queue, call_idx
+
+    def dropped(self, reason: str) -> None:
+        self.drop(f"its async call failed or was dropped: {reason.strip().splitlines()[-1] if reason else ''}")
+
+    # -- 4. finalize or drop --------------------------------------------------------------------------
+    def _local_outcome(self) -> BaseException | None:
+        """Wait for the background exchange; the first local failure of steps 2-3, if any."""
+        if self.replication is not None:
+            self.replication.result()  # records its failure in self.error
+        error = self.error
+        if error is None:
+            size = self.manager._stored_size(self.meta)
+            if size is None:
+                error = CheckpointingException(f"rank {self.meta.owner_rank}: its part of iteration "
+                                               f"{self.iteration} was not stored (the async writer did not finish)")
+            self.stats.file_bytes += size or 0  # the own part (replicas were counted as written)
+        return error
+
+    def finalize(self) -> None:
+        """Step 4 (collective over the manager's group): publish once every rank stored its parts,
+        or remove this rank's files of the iteration and raise on every rank. Does nothing for a
+        job already finalized or dropped."""
+        if self.done:
+            return
+        m = self.manager
+        t = time.perf_counter()
+        try:
+            error = self._local_outcome()
+        finally:
+            self.staged.release()
+        if error is not None:
+            logger.debug("rank %d: save of iteration %d failed locally: %s", m.rank, self.iteration, error)
+        what = f"save of iteration {self.iteration}"
+        try:
+            m._agree_or_raise(error, self.iteration, what)
+            try:
+                m._publish(self.iteration, self.stored_metas)
+            except Exception as e:
+                error = e
+            m._agree_or_raise(error, self.iteration, f"{what} (publishing)")
+        except BaseException:
+            self._end()
+            m._remove_iteration(self.iteration)
+            raise
+        self._end()
+        m._published(self.iteration)
+        stats = self.stats
+        stats.finalize_s = time.perf_counter() - t
+        stats.total_s = time.perf_counter() - self.started
+        if not self.is_async:
+            stats.stall_s = stats.total_s
+        m.last_save = stats
+        logger.info("rank %d saved iteration %d%s: %d bytes, stall %.3fs (stage %.3fs) exchange %.3fs write "
+                    "%.3fs finalize %.3fs", m.rank, self.iteration, " asynchronously" if self.is_async else "",
+                    stats.file_bytes, stats.stall_s, stats.stage_s, stats.exchange_s, stats.write_s,
+                    stats.finalize_s)
+
+    def drop(self, reason: str, worker_may_run: bool = False) -> None:
+        """Give up this save locally (no collective): wait for the background exchange, let go of
+        the staging buffer (back to the pool; or, when ``worker_may_run``, never to be reused, since
+        a worker this process does not control may still read it), remove the iteration's files.
+        Idempotent."""
+        if self.done:
+            return
+        try:
+            if self.replication is not None:
+                self.replication.result()
+        finally:
+            if worker_may_run:
+                self.staged.discard()
+            else:
+                self.staged.release()
+            self._end()
+            self.manager._remove_iteration(self.iteration)
+        logger.warning("rank %d: the async save of iteration %d was dropped (%s); its files were removed",
+                       self.manager.rank, self.iteration, reason)
+
+    def _end(self) -> None:
+        self.done = True
+        self.manager._forget(self)

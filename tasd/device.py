@@ -150,6 +150,17 @@ def empty_host(nbytes: int, pin: bool | None = None, shared: bool = False) -> to
     return t
 
 
+def host_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialized host tensor of ``t``'s shape and dtype (contiguous), pinned when CUDA is
+    present: exact-size page-locked memory (see :func:`empty_host`) from 1 MiB up, torch's caching
+    host allocator below (one page-locked mapping per small tensor would cost more than its
+    rounding)."""
+    nbytes = t.numel() * t.element_size()
+    if should_pin() and nbytes >= _POPULATE_MIN_BYTES:
+        return empty_host(nbytes, pin=True).view(t.dtype).view(t.shape)
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=should_pin())
+
+
 def restore_device(tensor: torch.Tensor, device: str, non_blocking: bool = True) -> torch.Tensor:
     """Move ``tensor`` to ``device`` (a string as recorded at staging). A CUDA device that this
     process lacks falls back to the current CUDA device, and to CPU without CUDA."""

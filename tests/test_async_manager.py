@@ -52,6 +52,17 @@ def worker_pid(q: AsyncCallsQueue) -> int:
 
 # -- async equals sync, snapshot --------------------------------------------------------------------
 
+def same_save(a: Path, b: Path) -> bool:
+    """The two part files are byte for byte equal but for their save ids (random per save, fixed
+    width) and the header checksum that covers them."""
+    from dataclasses import replace
+    from tasd.managers.partio import read_header
+    ha, hb = read_header(a), read_header(b)
+    rest_a, rest_b = a.read_bytes()[ha.hollow_offset:], b.read_bytes()[hb.hollow_offset:]
+    return (ha.hollow_offset == hb.hollow_offset and rest_a == rest_b
+            and replace(ha.meta, save_id="") == replace(hb.meta, save_id="") and ha.meta.save_id != hb.meta.save_id)
+
+
 def async_equals_sync(rank, world, root, persistent, repl):
     q = AsyncCallsQueue(persistent=persistent, wait_timeout_s=WAIT_S)
     sync_m, async_m = manager(Path(root) / "sync", repl), manager(Path(root) / "async", repl)
@@ -65,8 +76,7 @@ def async_equals_sync(rank, world, root, persistent, repl):
     stats = async_m.last_save
     assert stats.is_async and stats.iteration == 2 and 0 < stats.stall_s <= stats.total_s
     files = names(async_m)
-    identical = all((async_m.local_ckpt_dir / n).read_bytes() == (sync_m.local_ckpt_dir / n).read_bytes()
-                    for n in files)
+    identical = all(same_save(async_m.local_ckpt_dir / n, sync_m.local_ckpt_dir / n) for n in files)
     q.close()
     sd, ckpt_id = manager(Path(root) / "async", repl).load()
     assert_same(sd.state_dict, state(rank, 2))
@@ -86,14 +96,28 @@ def test_async_save_equals_sync_and_is_a_snapshot(ranks, tmp_path, persistent, r
 
 # -- failures ---------------------------------------------------------------------------------------
 
+class BlockedFirst:
+    """An async_fn that first blocks opening a FIFO for reading (nobody writes it), then runs ``fn``."""
+
+    def __init__(self, fifo: str, fn):
+        self.fifo, self.fn = fifo, fn
+
+    def __call__(self, *args, **kwargs):
+        with open(self.fifo, "rb"):
+            pass
+        return self.fn(*args, **kwargs)
+
+
 def killed_worker(rank, world, root, persistent):
     m = manager(root, CLIQUE2)
     q = AsyncCallsQueue(persistent=persistent, wait_timeout_s=WAIT_S)
     save_async(m, q, state(rank, 1), 1)
     q.maybe_finalize_async_calls(blocking=True)
     req = m.save(BasicTensorAwareStateDict(state(rank, 2)), 2, is_async=True)
-    if rank == 1:  # the writer blocks opening this FIFO until it is killed
-        os.mkfifo(m.local_ckpt_dir / "iter_0000002_1_local.tasd.pending.dirty")
+    if rank == 1:  # the writer blocks opening a FIFO until it is killed
+        fifo = Path(root) / "stuck"
+        os.mkfifo(fifo)
+        req = req._replace(async_fn=BlockedFirst(str(fifo), req.async_fn))
     q.schedule_async_request(req)
     if rank == 1:
         time.sleep(0.5)
@@ -202,7 +226,7 @@ def in_flight(rank, world, root):
     two = (q.get_num_unfinalized_calls(), m.latest_iteration)
     save_async(m, q, state(rank, 3), 3)  # a third one finalizes the oldest first
     three = (q.get_num_unfinalized_calls(), m.latest_iteration)
-    with pytest.raises(CheckpointingException, match="not newer"):
+    with pytest.raises(CheckpointingException, match="already saved or is saving iteration 3; iterations must increase"):
         m.save(BasicTensorAwareStateDict(state(rank, 3)), 3, is_async=True)  # 3 is in flight
     lost = m.save(BasicTensorAwareStateDict(state(rank, 4)), 4, is_async=True)  # never scheduled
     del lost
@@ -258,8 +282,8 @@ def many_saves(rank, world, root):
     q.close()
     loaded, _ = manager(root, CLIQUE2).load()
     assert torch.equal(loaded.state_dict["w"], saved) and loaded.state_dict["step"] == 20
-    return (async_pool.allocations, async_pool.reuses, async_pool.in_use_bytes, pool.allocations,
-            pool.in_use_bytes, rss, names(m))
+    return (async_pool.allocations, async_pool.reuses, async_pool.in_use_bytes, m.receive_pool.allocations,
+            m.receive_pool.in_use_bytes, rss, names(m))
 
 
 def test_twenty_async_saves_keep_host_memory_flat(ranks, tmp_path):

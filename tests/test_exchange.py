@@ -99,6 +99,41 @@ def test_operation_count_does_not_grow_with_tensor_count(ranks):
     assert few == many == [6, 6]  # sizes, prefix, one data chunk: one send and one receive each
 
 
+class FailingPool(HostBufferPool):
+    def acquire(self, nbytes):
+        raise MemoryError(f"cannot allocate {nbytes} bytes (injected)")
+
+
+def one_rank_cannot_prepare(rank, world, where):
+    import time
+    plan = [Transfer(r, r, (r + 1) % world) for r in range(world)]
+    pool = FailingPool() if (where == "allocate" and rank == 1) else HostBufferPool()
+    failure = ValueError("staging failed (injected)") if (where == "prepare" and rank == 1) else None
+    outgoing = {} if failure else {rank: outgoing_part(rank, world)}
+    t0 = time.monotonic()
+    try:
+        exchange_parts(plan, outgoing, pool=pool, failure=failure)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    else:
+        error = None
+    t = torch.ones(1)
+    dist.all_reduce(t)  # nothing is left in flight: the group still pairs its collectives
+    return error, time.monotonic() - t0, pool.in_use_bytes
+
+
+@pytest.mark.parametrize("where", ["allocate", "prepare"])
+def test_a_rank_that_cannot_prepare_calls_the_exchange_off_everywhere(ranks, where):
+    out = ranks(one_rank_cannot_prepare, 3, where)
+    for rank, (error, elapsed, in_use) in enumerate(out):
+        assert elapsed < 5, "no rank waits for a timeout"
+        assert in_use == 0, "buffers acquired before the call-off are released"
+        if rank == 1:
+            assert error.startswith("MemoryError" if where == "allocate" else "ValueError")
+        else:
+            assert error.startswith("ExchangeAborted") and "rank(s) [1]" in error and "injected" in error
+
+
 def dead_peer(rank, world):
     if rank == 1:
         os._exit(3)

@@ -222,10 +222,13 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="iteration"):
         m.save(sd, -1)
     m.save(sd, 5)
-    with pytest.raises(CheckpointingException, match="iteration 5"):
+    with pytest.raises(CheckpointingException, match="iteration 5.*already saved or is saving iteration 5"):
         m.save(sd, 5)
-    with pytest.raises(CheckpointingException, match="iteration 4.*latest.*5"):
-        LocalCheckpointManager(tmp_path, "s").save(sd, 4)
+    with pytest.raises(CheckpointingException, match="iteration 4.*already saved or is saving iteration 5"):
+        m.save(sd, 4)
+    fresh = LocalCheckpointManager(tmp_path, "s")  # a new run replaces what an earlier one left
+    fresh.save(sd, 4)
+    assert fresh.find_latest() == 4
     with pytest.raises(CheckpointingException, match="no checkpoint"):
         LocalCheckpointManager(tmp_path, "other").load()
 

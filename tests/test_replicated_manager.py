@@ -183,7 +183,8 @@ def test_dead_peer_during_replicated_save_is_an_error_not_a_hang(tmp_path):
         run_ranks(dies_in_save, 3, tmp_path, strategy, collective_timeout_s=5, timeout_s=60)
     assert "exit code 9" in info.value.failures[1]
     for r in (0, 2):
-        assert "was killed" not in info.value.failures[r] and "CheckpointingException" in info.value.failures[r]
+        assert "timed out after 60s and was killed" not in info.value.failures[r]  # failed on its own
+        assert "PeerUnreachableError" in info.value.failures[r]  # a CheckpointingException
     assert run_ranks(restore, 3, tmp_path, strategy) == [1, 1, 1]
 
 
@@ -192,7 +193,7 @@ def pool_counts(rank, world, root, strategy):
     pool, m, counts = default_pool(), manager(root, strategy), []
     for step in (1, 2, 3):
         m.save(BasicTensorAwareStateDict(state(rank, step)), step)
-        counts.append((pool.allocations, pool.in_use_bytes))
+        counts.append((pool.allocations, pool.in_use_bytes, m.receive_pool.allocations, m.receive_pool.in_use_bytes))
     return counts
 
 
@@ -200,4 +201,4 @@ def test_replicated_saves_reuse_receive_buffers(tmp_path):
     strategy = {"strategy": "ring", "replication_jump": 1, "replication_factor": 3}  # 3 buffers at once
     for counts in run_ranks(pool_counts, 3, tmp_path, strategy):
         assert counts[0] == counts[1] == counts[2], "no host memory allocated after the first save"
-        assert counts[0][0] == 3 and counts[0][1] == 0, "own part + two received parts, all released"
+        assert counts[0] == (1, 0, 2, 0), "own part + two received parts (pageable), all released"

@@ -177,14 +177,6 @@ class AsyncCallsQueue:
             _notify(req, "dropped", message)
         raise CheckpointingException(message) from cause
 
-    def holds(self, finalize_fn: Any) -> int | None:
-        """Index of the unfinalized call whose finalize functions include ``finalize_fn`` (by
-        identity), or None. Local."""
-        for idx, _, req in self._calls:
-            if any(fn is finalize_fn for fn in req.finalize_fns):
-                return idx
-        return None
-
     def finalize_through(self, call_idx: int, no_dist: bool = False) -> list[int]:
         """Finalize every call up to and including ``call_idx``, waiting for them (collective
         unless ``no_dist``; raises like :meth:`maybe_finalize_async_calls`). Returns the
@@ -299,16 +291,6 @@ class AsyncCallsQueue:
     def abort(self) -> None:
         """``close(abort=True)``: local, never raises for pending calls."""
         self.close(abort=True)
-
-
-def queue_holding(finalize_fn: Any) -> tuple[AsyncCallsQueue, int] | None:
-    """The live queue (and call index) whose unfinalized call has ``finalize_fn`` among its
-    finalize functions, or None (never scheduled, already finalized, or dropped). Local."""
-    for q in list(_live_queues):
-        idx = q.holds(finalize_fn)
-        if idx is not None:
-            return q, idx
-    return None
 
 
 def abort_async_checkpoints() -> int:

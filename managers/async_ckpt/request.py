@@ -160,7 +160,7 @@ def _host_copy(t: torch.Tensor, non_blocking: bool) -> torch.Tensor:
         return t.to("cpu", copy=True)
     if t.device.type == "cpu":
         return t.clone()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=device.should_pin())
+    out = device.host_like(t)
     out.copy_(t, non_blocking=non_blocking)
     return out
 

@@ -38,13 +38,15 @@ class ReplicationStrategy(abc.ABC):
     """Which ranks keep a replica of which rank's checkpoint part.
 
     ``holders``/``held_owners``/``check_world_size``/``settings`` are pure (not collective).
-    ``group`` is a process group over all ranks dedicated to replica exchange, so exchanges never
-    interleave with other collectives. Eager strategies create it in ``__init__`` when
-    torch.distributed is initialized, so all ranks must construct the strategy together; if it is
-    not initialized then, the group is created on the first access of ``group`` after it is.
-    Lazy strategies (``lazy = True``) always create it on the first access of ``group``, which must
-    then happen on all ranks together (inside a collective manager call). ``group`` is None while
-    torch.distributed is not initialized (a world of one).
+    ``group`` is a gloo process group over all ranks dedicated to replica exchange: parts live in
+    host memory, so their traffic never goes through the GPU or the training's communicators, and
+    exchanges (which may run in a background thread) never interleave with other collectives.
+    Creating it is collective over the world and happens on the thread that first needs it: eager
+    strategies create it in ``__init__`` when torch.distributed is initialized (all ranks construct
+    the strategy together), lazy ones (``lazy = True``) on the first access of ``group``. The
+    managers access ``group`` at the start of their collective calls, on the calling (training)
+    thread, before any background work starts. ``group`` is None while torch.distributed is not
+    initialized (a world of one).
 
     A pickled strategy drops its group; the copy creates a new one on first access of ``group``.
     """
@@ -121,10 +123,9 @@ class ReplicationStrategy(abc.ABC):
 
     def _maybe_create_group(self) -> None:
         if dist.is_available() and dist.is_initialized():
-            backend = dist.get_backend()
             # A dead or stuck peer must fail the exchange after the job's own timeout, not 30 min.
-            self._group = dist.new_group(backend=backend, timeout=collectives.group_timeout())
-            logger.debug("%r: created replica-exchange process group (backend %s)", self, backend)
+            self._group = dist.new_group(backend="gloo", timeout=collectives.group_timeout())
+            logger.debug("%r: created its replica-exchange gloo group", self)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
