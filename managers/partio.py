@@ -316,7 +316,7 @@ def read_raw_part(path: Path) -> RawPart:
         header = read_header(path, fd)
         prefix = _pread_exact(fd, header.data_offset, 0, path)
         hollow = check_hollow(prefix[header.hollow_offset :], header, path)
-        buffer = device.empty_host(header.data_nbytes)
+        buffer = device.empty_host(header.data_nbytes, pin=False)  # sent to a peer or copied out: never to a device
         _read_data(fd, header, path, as_bytes(buffer))
     finally:
         os.close(fd)

@@ -1,7 +1,10 @@
 """The one place that decides devices, synchronizes and allocates host memory.
 
-Every CUDA call in the library goes through here so that the whole library runs on CPU-only
-machines (CUDA is optional) and uses pinned memory and device syncs when CUDA is present. Device
+Every CUDA call of the library (device queries, synchronization, page-locking host memory,
+choosing a device) goes through here, so that the whole library runs on CPU-only machines (CUDA is
+optional) and uses pinned memory and stream waits when CUDA is present; elsewhere tensors only move
+between devices with torch copies (staging, restore), issued on the calling thread's current
+stream. Nothing here is called from tasd's background threads. Device
 syncs are counted (:func:`sync_count`) so that tests can prove a path does not wait for the GPU.
 """
 

@@ -47,7 +47,8 @@ class TensorAwareStateDict(ABC):
 
     @abstractmethod
     def pop_tensors(self) -> list[torch.Tensor]:
-        """Remove and return all tensors in walk order; the object becomes hollow."""
+        """Remove and return all tensors in walk order; the object becomes hollow. A tensor found
+        under several keys (tied weights: the same view of the same storage) is returned once."""
 
     @property
     @abstractmethod
@@ -61,7 +62,8 @@ class TensorAwareStateDict(ABC):
 
     @abstractmethod
     def insert_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Put back tensors matching the placeholders (dtype and shape) in walk order."""
+        """Put back tensors matching the placeholders (dtype and shape) in walk order; a tensor
+        popped once for several keys is put back, as one object, at all of them."""
 
     @abstractmethod
     def init_tensors(self) -> None:
@@ -74,7 +76,7 @@ class TensorAwareStateDict(ABC):
         CPU tensors are copied too (a point-in-time snapshot). The copies stay valid while this
         object holds them; the buffer returns to its pool when the object is collected or the
         next copy_tensors_to_cpu replaces them. With ``non_blocking`` call
-        :func:`tasd.device.synchronize` before reading them.
+        :func:`tasd.device.synchronize_stream` before reading them.
         """
 
     @abstractmethod

@@ -413,8 +413,8 @@ def test_dead_rank_fails_finalize_everywhere_and_orphaned_worker_exits(tmp_path,
 def _rank_cpu_group(rank, world, tmp, persistent):
     from tasd import device
     from tasd.managers import collectives
-    used, syncs = [], []
-    real_all_reduce, real_all_gather, real_sync = dist.all_reduce, dist.all_gather, device.synchronize
+    used = []
+    real_all_reduce, real_all_gather = dist.all_reduce, dist.all_gather
 
     def all_reduce(*args, **kwargs):
         used.append(kwargs.get("group"))
@@ -424,21 +424,22 @@ def _rank_cpu_group(rank, world, tmp, persistent):
         used.append(kwargs.get("group"))
         return real_all_gather(*args, **kwargs)
 
-    dist.all_reduce, dist.all_gather, device.synchronize = all_reduce, all_gather, lambda: syncs.append(1)
+    dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    start = device.sync_count()  # every device wait (synchronize or synchronize_stream) is counted
     try:
         q = AsyncCallsQueue(persistent=persistent, wait_timeout_s=WAIT_S)
-        idle = (q.maybe_finalize_async_calls(), len(used), len(syncs))
+        idle = (q.maybe_finalize_async_calls(), len(used), device.sync_count() - start)
         q.schedule_async_request(AsyncRequest(_raise_on_rank, (rank, os.path.join(tmp, f"r{rank}")), []))
-        plain_schedule_syncs = len(syncs)
+        plain_schedule_syncs = device.sync_count() - start
         with pytest.raises(CheckpointingException, match="boom on rank 1"):  # the failure path gathers texts
             q.maybe_finalize_async_calls(blocking=True)
         q.schedule_async_request(AsyncRequest(_write_file, (os.path.join(tmp, f"p{rank}"), "stale"), [],
                                               preload_fn=lambda: "fresh"))
-        preload_syncs = len(syncs) - plain_schedule_syncs
+        preload_syncs = device.sync_count() - start - plain_schedule_syncs
         finalized = q.maybe_finalize_async_calls(blocking=True)
         q.close()
     finally:
-        dist.all_reduce, dist.all_gather, device.synchronize = real_all_reduce, real_all_gather, real_sync
+        dist.all_reduce, dist.all_gather = real_all_reduce, real_all_gather
     cpu = collectives.cpu_group()
     return (idle, plain_schedule_syncs, preload_syncs, finalized, len(used) > 0,
             all(g is cpu for g in used), cpu is not None and cpu is not dist.group.WORLD)

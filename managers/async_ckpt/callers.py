@@ -148,7 +148,7 @@ def _resolve(req: AsyncRequest) -> tuple:
         raise RequestRefused(str(e)) from e
     args = req.resolved_args()
     if req.preload_fn is not None:
-        device.synchronize()  # the preload's device-to-host copies may still be in flight
+        device.synchronize_stream()  # the preload's device-to-host copies may still be in flight
     return args
 
 

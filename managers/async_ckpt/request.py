@@ -172,7 +172,7 @@ def preload_tensors(state_dict: Any, non_blocking: bool = True) -> Any:
     Copies are detached (``requires_grad`` and Parameter types are dropped).
 
     With ``non_blocking`` device-to-host copies may still be in flight on return: call
-    :func:`tasd.device.synchronize` before reading them (the callers do before forking/pickling).
+    :func:`tasd.device.synchronize_stream` before reading them (the callers do before forking/pickling).
     Local (not collective). Raises TypeError when a leaf object hides a tensor
     (:func:`tasd.tree.map_tensors`)."""
     return map_tensors(state_dict, lambda _path, t: _host_copy(t, non_blocking))

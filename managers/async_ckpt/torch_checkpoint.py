@@ -80,7 +80,7 @@ class TorchAsyncCheckpoint:
             tensors = sd.pop_tensors()
         except TypeError:  # a tensor that cannot be staged as bytes (or a hidden one: raises again)
             snapshot = preload_tensors(state_dict, non_blocking=True)
-            device.synchronize()
+            device.synchronize_stream()
             return AsyncRequest(_atomic_torch_save, (snapshot, path), finalize_fns)
         hollow = pickle.dumps(sd, protocol=pickle.HIGHEST_PROTOCOL)
         staged = stage(tensors, self.pool)
