@@ -23,11 +23,11 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from tasd.managers import collectives, identity
-from tasd.managers.agreement import agree_or_raise, raise_agreed
+from tasd.managers.agreement import agree, agree_or_raise, raise_agreed
 from tasd.managers.async_ckpt import AsyncRequest
 from tasd.managers.config import ReplicationMismatchError
 from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
-from tasd.managers.exchange import OutgoingPart, exchange_parts
+from tasd.managers.exchange import ExchangeAborted, OutgoingPart, exchange_parts
 from tasd.managers.fileformat import LoadedPart, PartMeta, RawPart
 from tasd.managers.recovery import Advertised, Latest, choose_latest, encode_adverts, plan_recovery
 from tasd.managers.replication import NoReplicasAvailableError, ReplicationStrategy
@@ -99,6 +99,8 @@ class BaseCheckpointManager(ABC):
         self._newest_saved = -1  # newest iteration this manager published
         self.latest_iteration: int | None = None  # newest iteration every rank can load, once known
         self._latest: Latest | None = None  # what find_latest found (None: search again before a load)
+        self._adverts: list[list] = []  # every rank's rows from the last find_latest (recovery.encode_adverts)
+        self._excluded: list[tuple] = []  # parts found damaged since then (recovery.BadPart)
         self.last_save = SaveStats()
 
     # -- storage, implemented by subclasses (local operations, never collective) ---------------
@@ -152,8 +154,9 @@ class BaseCheckpointManager(ABC):
         (see wait_for_cleanup)."""
 
     def wait_for_cleanup(self) -> None:
-        """Wait until parts superseded by the last save are removed. Not collective; save,
-        find_latest and load call it first."""
+        """Wait until parts superseded by the last save are removed. Not collective; find_latest
+        and load call it first. A save does not wait: the removal runs in the background while the
+        next save stages and writes (it touches only superseded iterations' files)."""
 
     # -- groups -------------------------------------------------------------------------------------
     def _groups_ready(self) -> Any:
@@ -228,7 +231,6 @@ class BaseCheckpointManager(ABC):
         if type(is_async) is not bool:
             raise TypeError(f"is_async must be a bool, got {type(is_async).__name__}")
         self._settle(keep=self.max_saves_in_flight - 1 if is_async else 0)
-        self.wait_for_cleanup()
         job = self._begin_save(ta_state_dict, iteration, is_async)   # 1. stage, agree
         if not is_async:
             if self.repl_strategy is not None:
@@ -305,9 +307,12 @@ class BaseCheckpointManager(ABC):
     # -- find_latest ---------------------------------------------------------------------------
     def find_latest(self) -> int:
         """Newest iteration every rank can load (-1 if none): a save of which every owner rank's
-        part is verified on at least one rank. Collective: two all_gathers of small JSON, whatever
-        the number of files. Parts that fail verification, or belong to another session (or, with
-        the default session, another job), are skipped. Raises ReplicationMismatchError on every
+        part is held by at least one rank. A restart reads only this rank's newest own part whole
+        (verifying it; load uses what was read) and the headers of the others: a replica, or an
+        older own part, is verified when a load needs and reads it (a damaged one is then never
+        used, see load). Collective: two all_gathers of small JSON, whatever the number of files.
+        Parts that fail these checks, or belong to another session (or, with the default session,
+        another job), are skipped. Raises ReplicationMismatchError on every
         rank when that iteration was saved with other replication settings. Finalizes pending async
         saves first (see save)."""
         self._settle(keep=0)
@@ -327,7 +332,8 @@ class BaseCheckpointManager(ABC):
             raise CheckpointingException(f"find_latest: rank {self.rank} could not reach the other ranks: {e}") from e
         failures = {r: g["error"] for r, g in enumerate(gathered) if g["error"]}
         raise_agreed(failures, self.rank, error, "find_latest")
-        latest = choose_latest((g["parts"] for g in gathered), self.world_size)
+        self._adverts, self._excluded = [g["parts"] for g in gathered], []
+        latest = choose_latest(self._adverts, self.world_size)
         if latest.unrecoverable:
             logger.warning("rank %d: iteration %d cannot be restored: no rank holds the part of rank(s) %s",
                            self.rank, *latest.unrecoverable)
@@ -340,29 +346,67 @@ class BaseCheckpointManager(ABC):
     # -- load ----------------------------------------------------------------------------------
     def load(self) -> tuple[TensorAwareStateDict, CkptID]:
         """Load this rank's part of the latest iteration; a rank that lost it gets it from a peer
-        holding a replica (senders are spread so no rank serves many). Calls find_latest first
-        unless it ran since the last save. Collective. Raises on every rank if any rank fails:
-        NoReplicasAvailableError when some rank's part exists nowhere, CheckpointingException when
-        there is no checkpoint at all. May be called more than once. Finalizes pending async
-        saves first (see save)."""
+        holding a replica (holders of a verified copy first; senders spread so no rank serves
+        many). Every part is read once, where it is needed, and reading verifies it: a part found
+        damaged then is never used, and the load is planned again without it (another holder, or
+        the newest older complete checkpoint: the iteration in the returned ckpt_id says which).
+        Calls find_latest first unless it ran since the last save. Collective. Raises on every
+        rank if any rank fails: NoReplicasAvailableError when some rank's part exists nowhere,
+        CheckpointingException when there is no checkpoint at all, or when damaged parts leave
+        none. May be called more than once. Finalizes pending async saves first (see save)."""
         self._settle(keep=0)
         self.wait_for_cleanup()
         if self._latest is None:
             self.find_latest()
-        latest = self._latest
-        iteration = latest.iteration
-        if iteration < 0:
-            if latest.unrecoverable:
-                raise NoReplicasAvailableError(*latest.unrecoverable)
-            raise CheckpointingException(f"no checkpoint to load in session {self.session_id!r}")
+        damaged: dict[tuple, str] = {}  # parts found damaged by this load -> why
+        while True:
+            latest = self._latest
+            if latest.iteration < 0:
+                if damaged:
+                    details = "; ".join(f"rank {h}'s copy of rank {o}'s part of iteration {it}: {why}"
+                                        for (it, _, h, o), why in sorted(damaged.items()))
+                    raise CheckpointingException(f"load failed: part(s) found damaged on rank(s) "
+                                                 f"{sorted({k[2] for k in damaged})}: {details}; no other copy "
+                                                 "and no older complete checkpoint is left")
+                if latest.unrecoverable:
+                    raise NoReplicasAvailableError(*latest.unrecoverable)
+                raise CheckpointingException(f"no checkpoint to load in session {self.session_id!r}")
+            outcome = self._load_once(latest)
+            if not isinstance(outcome, dict):
+                return outcome
+            new = {k: v for k, v in outcome.items() if k not in damaged}
+            if not new:  # cannot happen: a damaged part is excluded from every later plan
+                raise CheckpointingException(f"load of iteration {latest.iteration}: damaged parts reported twice")
+            damaged.update(new)
+            self._excluded.extend(new)
+            self._latest = choose_latest(self._adverts, self.world_size, self._excluded)
+            self.latest_iteration = self._latest.iteration
+            logger.warning("rank %d: load of iteration %d found damaged part(s) %s; planning again (iteration %d)",
+                           self.rank, latest.iteration, sorted(new), self._latest.iteration)
+
+    def _load_once(self, latest: Latest) -> tuple[TensorAwareStateDict, CkptID] | dict[tuple, str]:
+        """One attempt at loading ``latest`` (collective): the loaded state and ckpt_id, or the
+        damaged parts (BadPart -> why) that some rank found, agreed by every rank."""
+        iteration, save_id = latest.iteration, latest.save_id
         what = f"load of iteration {iteration}"
         needs, plan = plan_recovery(latest, self.world_size)
         error: BaseException | None = None
-        sd, outgoing = None, {}
+        damaged: list[list] = []  # [iteration, save_id, holder, owner] this rank found damaged
+        sd, outgoing, aborted = None, {}, False
         try:
             if self.rank not in needs:
-                sd = self._load_part(iteration, self._read_part(iteration, self.rank, latest.save_id))
-            outgoing = {t.owner: self._outgoing(iteration, t.owner, latest.save_id) for t in plan if t.src == self.rank}
+                try:
+                    sd = self._load_part(iteration, self._read_part(iteration, self.rank, save_id))
+                except CorruptCheckpointError as e:
+                    error = e
+                    damaged.append([iteration, save_id, self.rank, self.rank])
+            for t in plan:
+                if t.src == self.rank and error is None:
+                    try:
+                        outgoing[t.owner] = self._outgoing(iteration, t.owner, save_id)
+                    except CorruptCheckpointError as e:
+                        error = e
+                        damaged.append([iteration, save_id, self.rank, t.owner])
         except Exception as e:
             error = e
         if plan:  # every rank takes part; a rank that failed to read says so before data moves
@@ -371,11 +415,22 @@ class BaseCheckpointManager(ABC):
                 if self.rank in needs:
                     sd = self._load_part(iteration, received[self.rank].decode(
                         f"part of rank {self.rank} received for iteration {iteration}"))
+            except ExchangeAborted:  # another rank's failure or damaged part: it reports it
+                aborted = True
             except Exception as e:
                 error = error or e
-        if sd is None and error is None:
+        if sd is None and error is None and not damaged and not aborted:
             error = NoReplicasAvailableError(iteration, [self.rank])
-        self._agree_or_raise(error, iteration, what)
+        # 2: a failure (raise everywhere), 1: damaged parts only (plan again), 0: loaded
+        real = error if error is not None and not damaged else None
+        real, failures, worst = agree(real, iteration, what, self._groups_ready(),
+                                      extra=2 if real is not None else 1 if damaged else 0)
+        if worst == 2:
+            raise_agreed(failures, self.rank, real, what)
+        if worst == 1:
+            why = f"{type(error).__name__}: {error}"[:collectives.MAX_FAILURE_TEXT] if damaged else ""
+            rows = collectives.all_gather_json({"damaged": damaged, "why": why}, self._groups_ready())
+            return {tuple(d): row["why"] for row in rows for d in row["damaged"]}
         if plan:
             logger.info("rank %d: iteration %d restored with %d part(s) fetched from peers: %s",
                         self.rank, iteration, len(plan), [(t.owner, t.src) for t in plan])

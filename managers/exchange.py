@@ -204,12 +204,13 @@ def _move(rank: int, sends: list[Transfer], recvs: list[Transfer], outgoing: Map
     return received
 
 
-def plan_retrieval(needs: Mapping[int, Sequence[int]], holders: Mapping[int, Sequence[int]]) -> list[Transfer]:
+def plan_retrieval(needs: Mapping[int, Sequence[int]], holders: Mapping[int, Sequence[int]],
+                   verified: Mapping[int, Any] | None = None) -> list[Transfer]:
     """Who sends which missing part to whom. ``needs``: rank -> owners whose parts it lacks;
-    ``holders``: owner -> ranks holding a verified copy. Senders are spread: each transfer goes to
-    the holder with the fewest sends so far (ties: lowest rank), so no rank serves many. The same
-    inputs give the same plan on every rank. Owners nobody holds are left out (the caller reports
-    them)."""
+    ``holders``: owner -> ranks holding a copy; ``verified`` (optional): owner -> ranks whose copy
+    is known good, preferred. Senders are spread: each transfer goes to a preferred holder with the
+    fewest sends so far (ties: lowest rank), so no rank serves many. The same inputs give the same
+    plan on every rank. Owners nobody holds are left out (the caller reports them)."""
     load: dict[int, int] = {}
     plan = []
     for dst in sorted(needs):
@@ -217,7 +218,8 @@ def plan_retrieval(needs: Mapping[int, Sequence[int]], holders: Mapping[int, Seq
             candidates = [h for h in holders.get(owner, ()) if h != dst]
             if not candidates:
                 continue
-            src = min(candidates, key=lambda h: (load.get(h, 0), h))
+            good = (verified or {}).get(owner, ())
+            src = min(candidates, key=lambda h: (h not in good, load.get(h, 0), h))
             load[src] = load.get(src, 0) + 1
             plan.append(Transfer(owner, src, dst))
     return plan

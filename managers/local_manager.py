@@ -18,7 +18,7 @@ from typing import Any, Callable
 from tasd.managers.base_manager import BaseCheckpointManager
 from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
 from tasd.managers.fileformat import LoadedPart, PartMeta, RawPart
-from tasd.managers.partio import fsync_dir, read_part, read_raw_part, verify_part, write_encoded, write_part
+from tasd.managers.partio import fsync_dir, read_header, read_part, read_raw_part, write_encoded, write_part
 from tasd.managers.partnames import DIRTY_SUFFIX, parse_part_name, part_name
 from tasd.managers.recovery import Advertised
 from tasd.staging import HostBufferPool, Staged
@@ -78,8 +78,11 @@ class LocalCheckpointManager(BaseCheckpointManager):
         self.root = Path(root_local_ckpt_dir)
         self.local_ckpt_dir = self.root / session_id / str(self.rank)
         self.direct_io = direct_io
-        # Parts this process wrote or fully verified: the file identity they had then, and their meta.
-        self._verified: dict[Path, tuple[tuple[int, int, int], PartMeta]] = {}
+        # Parts this process has seen: the file identity they had then, their meta, and whether their
+        # data was verified (written by this process, or read whole) or only their header checked.
+        self._known: dict[Path, tuple[tuple[int, int, int], PartMeta, bool]] = {}
+        # Parts found damaged when a load read them: their identity then.
+        self._damaged: dict[Path, tuple[int, int, int]] = {}
         # The newest own part, read whole while find_latest verified it, kept for the next load so
         # that a restart reads it once: (path, identity, part).
         self._prefetched: tuple[Path, tuple[int, int, int], LoadedPart] | None = None
@@ -145,7 +148,7 @@ class LocalCheckpointManager(BaseCheckpointManager):
         owners = {meta.owner_rank for meta in metas}
         for (it, owner), path in self._scan(remove_leftovers=False).items():
             if it > iteration or (it == iteration and owner not in owners):  # left by an abandoned run
-                self._verified.pop(path, None)
+                self._known.pop(path, None)
                 try:
                     path.unlink()
                 except FileNotFoundError:
@@ -156,7 +159,7 @@ class LocalCheckpointManager(BaseCheckpointManager):
                 os.rename(self._path(iteration, meta.owner_rank, pending=True), path)
             except OSError as e:
                 raise CheckpointingException(f"rank {self.rank} could not publish {path}: {e}") from e
-            self._verified[path] = (self._identity(path), meta)
+            self._known[path] = (self._identity(path), meta, True)
         fsync_dir(self.local_ckpt_dir)
 
     def _is_unchanged(self, path: Path, identity: tuple[int, int, int] | None) -> bool:
@@ -165,9 +168,10 @@ class LocalCheckpointManager(BaseCheckpointManager):
         except FileNotFoundError:
             return False
 
-    def _known_meta(self, path: Path) -> PartMeta | None:
-        known = self._verified.get(path)
-        return known[1] if known is not None and self._is_unchanged(path, known[0]) else None
+    def _known_part(self, path: Path) -> tuple[PartMeta, bool] | None:
+        """(meta, data verified) of a part seen before and unchanged since, else None."""
+        known = self._known.get(path)
+        return known[1:] if known is not None and self._is_unchanged(path, known[0]) else None
 
     def _foreign(self, meta: PartMeta, iteration: int, owner: int) -> str | None:
         """Why a part with header ``meta``, named for (iteration, owner), is not one of this
@@ -184,31 +188,39 @@ class LocalCheckpointManager(BaseCheckpointManager):
         return None
 
     def _advertised_parts(self) -> dict[tuple[int, str], Advertised]:
+        """Reads the newest part of this rank's own whole (verifying it; load then uses what was
+        read) and only the headers of the others: a replica, or an older own part, is verified
+        when a load reads it."""
         out: dict[tuple[int, str], Advertised] = {}
         self._prefetched = None
         for (iteration, owner), path in sorted(self._scan().items(), reverse=True):
-            meta = self._known_meta(path)
-            if meta is None:
+            known = self._known_part(path)
+            if known is None and self._is_unchanged(path, self._damaged.get(path)):
+                logger.warning("rank %d skips %s: found damaged when it was last read", self.rank, path)
+                continue
+            if known is None:
                 try:
                     identity = self._identity(path)
                     if owner == self.rank and self._prefetched is None:
                         part = read_part(path)  # verifies, and load will not read it again
-                        header = part.header
+                        header, checked = part.header, True
                         self._prefetched = (path, identity, part)
                     else:
-                        header = verify_part(path)
+                        header, checked = read_header(path), False
                 except (CorruptCheckpointError, OSError) as e:
                     logger.warning("rank %d skips iteration %d: %s", self.rank, iteration, e)
                     continue
-                meta = header.meta
-                why = self._foreign(meta, iteration, owner)
+                why = self._foreign(header.meta, iteration, owner)
                 if why is not None:
                     logger.warning("rank %d skips %s: %s", self.rank, path, why)
                     if self._prefetched is not None and self._prefetched[0] == path:
                         self._prefetched = None
                     continue
-                self._verified[path] = (identity, meta)
-            out.setdefault((iteration, meta.save_id), Advertised([], meta.replication)).owners.append(owner)
+                known = (header.meta, checked)
+                self._known[path] = (identity, *known)
+            meta, checked = known
+            advert = out.setdefault((iteration, meta.save_id), Advertised([], meta.replication))
+            (advert.owners if checked else advert.unverified).append(owner)
         return out
 
     def find_latest(self) -> int:
@@ -239,10 +251,19 @@ class LocalCheckpointManager(BaseCheckpointManager):
         return part
 
     def _read(self, path: Path, reader: Callable[[Path], Any]) -> Any:
+        """``reader(path)``: a part read whole, all its checksums verified (remembered as such
+        while the file is unchanged). OSError becomes CheckpointingException naming the rank."""
         try:
-            return reader(path)
+            identity = self._identity(path)
+            part = reader(path)
         except OSError as e:
             raise CheckpointingException(f"rank {self.rank} could not read {path}: {e}") from e
+        except CorruptCheckpointError:
+            self._known.pop(path, None)
+            self._damaged[path] = identity  # not advertised again while it is unchanged
+            raise
+        self._known[path] = (identity, part.header.meta, True)
+        return part
 
     def _remove_iteration(self, iteration: int) -> None:
         if not self.local_ckpt_dir.is_dir():
@@ -251,12 +272,12 @@ class LocalCheckpointManager(BaseCheckpointManager):
             name = parse_part_name(entry.name)
             if name is not None and name.iteration == iteration:
                 _unlink(Path(entry.path), "part of a failed save")
-                self._verified.pop(Path(entry.path), None)
+                self._known.pop(Path(entry.path), None)
 
     def _cleanup(self, keep: int) -> None:
         doomed = [path for (iteration, _), path in self._scan().items() if iteration != keep]
         for path in doomed:
-            self._verified.pop(path, None)
+            self._known.pop(path, None)
         if doomed:
             if self._janitor is None:
                 self._janitor = ThreadPoolExecutor(1, thread_name_prefix="tasd-cleanup")
