@@ -74,7 +74,42 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
         args.root, verify=args.verify))
 
 
-_SUBCOMMANDS = (_add_demo, _add_inspect)
+# -- tasd bench ---------------------------------------------------------------------------------
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    from tasd.bench.scenarios import SCENARIOS
+
+    listing = "; ".join(f"{name}: {s.summary}" for name, s in SCENARIOS.items())
+    p = subparsers.add_parser(
+        "bench", help="measure tasd against the machine's limits and its peers",
+        description="Run benchmark scenarios on ranks started as local processes (gloo), each measuring "
+                    "tasd, the machine's limits and the peers (torch.save/load, torch.distributed.checkpoint, "
+                    "nvidia-resiliency-ext when installed) on the same state and directory. Prints tables "
+                    "while it runs and the issue's targets as ratios at the end. Scenarios: " + listing)
+    p.add_argument("--scenario", nargs="+", action="extend", metavar="NAME", default=None,
+                   help="scenarios to run, in the order given (default: all)")
+    p.add_argument("--quick", action="store_true", help="the small version of each scenario (all in < 2 minutes)")
+    p.add_argument("--json", metavar="F", default=None, help="write every figure to this JSON file")
+    p.add_argument("--plots", metavar="DIR", default=None, help="draw one PNG per scenario into this directory")
+    p.add_argument("--markdown", metavar="F", default=None, help="write the tables and targets as Markdown")
+    p.add_argument("--dir", default=None, help="where checkpoints are written (a new subdirectory, removed at "
+                                               "the end; default: the system's temporary directory)")
+    p.add_argument("--repeats", type=_positive_int, default=None,
+                   help="timed runs per figure after the warm-up (default: each scenario's own)")
+    p.set_defaults(handler=_run_bench, parser=p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from tasd.bench import run_bench, unknown_scenarios
+    from tasd.bench.scenarios import SCENARIOS
+
+    unknown = unknown_scenarios(args.scenario or [])
+    if unknown:
+        args.parser.error(f"unknown scenario(s): {', '.join(unknown)} (known: {', '.join(SCENARIOS)})")
+    return run_bench(args.scenario, quick=args.quick, json_path=args.json, plots_dir=args.plots,
+                     markdown_path=args.markdown, directory=args.dir, repeats=args.repeats)
+
+
+_SUBCOMMANDS = (_add_demo, _add_inspect, _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

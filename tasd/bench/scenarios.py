@@ -1,0 +1,254 @@
+"""The scenarios of ``tasd bench``: each a config dataclass (full-size defaults; ``quick()`` gives the
+small version) and a function ``run(config, ctx) -> ScenarioResult``. Every scenario measures tasd
+together with the machine's limits and the peers on the same state dicts, in the same processes
+and directory (see :mod:`tasd.bench.harness`).
+
+The reference point is the issue's: 2 ranks, clique replication factor 2, 256 MiB per rank in
+32 float32 tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from tasd.bench.harness import Context, ScenarioResult, load_point, measure_points
+from tasd.bench.measure import add_ratios
+from tasd.bench.methods import Point
+
+MiB = 1 << 20
+
+
+@dataclass
+class PointConfig:
+    """A single point: ``world`` ranks, ``size_mib`` per rank in ``n_tensors`` tensors, clique
+    ``factor``; ``repeats`` timed runs after one warm-up; ``methods`` to run (in this order)."""
+
+    world: int = 2
+    factor: int = 2
+    size_mib: float = 256
+    n_tensors: int = 32
+    repeats: int = 5
+    methods: tuple[str, ...] = ()
+
+    def point(self, **change) -> Point:
+        p = Point(self.world, int(self.size_mib * MiB), self.n_tensors, self.factor)
+        return dataclasses.replace(p, **change)
+
+    @classmethod
+    def quick(cls) -> "PointConfig":
+        return cls(size_mib=16, repeats=2)
+
+
+def _done(figures, x: str | None = None, notes: list[str] | None = None) -> ScenarioResult:
+    add_ratios(figures)
+    return ScenarioResult(figures, x, notes or [])
+
+
+# -- limits ---------------------------------------------------------------------------------------
+@dataclass
+class LimitsConfig(PointConfig):
+    """The machine's limits on the reference point: copies, writes, gloo send/recv and a read into
+    fresh memory in a fresh process."""
+
+    methods: tuple[str, ...] = ("copy", "d2h_pinned", "write", "write_direct", "send_recv")
+    read_repeats: int = 3
+
+    @classmethod
+    def quick(cls) -> "LimitsConfig":
+        return cls(size_mib=16, repeats=2, read_repeats=1)
+
+
+def limits(cfg: LimitsConfig, ctx: Context) -> ScenarioResult:
+    point = cfg.point()
+    figures = measure_points(ctx, "limits", [point], list(cfg.methods), cfg.repeats)
+    figures += load_point(ctx, "limits", point, ["read"], cfg.read_repeats)
+    return _done(figures)
+
+
+# -- saves ----------------------------------------------------------------------------------------
+@dataclass
+class SaveStallConfig(PointConfig):
+    """Back-to-back asynchronous saves: the training stall of each (time until save/schedule
+    returns), each save right after the previous one completed (finalize outside the clock)."""
+
+    methods: tuple[str, ...] = ("copy", "d2h_pinned", "tasd_async", "dcp_async", "nvrx_async", "nvrx_torch_async")
+
+
+#: Why NVRx's async stalls on CPU are not what they are on a GPU.
+NVRX_CPU_NOTE = ("On CPU NVRx's TorchAsyncCheckpoint takes no snapshot: preload_tensors leaves host tensors where "
+                 "they are and the first call moves their storage into shared memory for its worker, which then "
+                 "writes the live tensors, so its later stalls are only the pickling of handles. NVRx's "
+                 "LocalCheckpointManager snapshots by forking a process per save.")
+
+
+def save_stall(cfg: SaveStallConfig, ctx: Context) -> ScenarioResult:
+    figures = measure_points(ctx, "save_stall", [cfg.point()], list(cfg.methods), cfg.repeats)
+    return _done(figures, notes=[NVRX_CPU_NOTE] if ctx.nvrx and not ctx.cuda else [])
+
+
+@dataclass
+class SyncSaveConfig(PointConfig):
+    """Synchronous saves against a raw write + fsync of the same bytes."""
+
+    methods: tuple[str, ...] = ("write", "write_direct", "tasd_sync", "torch_save", "dcp_save", "nvrx_sync")
+
+
+def sync_save(cfg: SyncSaveConfig, ctx: Context) -> ScenarioResult:
+    return _done(measure_points(ctx, "sync_save", [cfg.point()], list(cfg.methods), cfg.repeats))
+
+
+@dataclass
+class ExchangeConfig(PointConfig):
+    """The replica exchange of a save against gloo send/recv of the same bytes and NVRx's replicate."""
+
+    methods: tuple[str, ...] = ("send_recv", "tasd_exchange", "nvrx_replicate")
+
+
+def exchange(cfg: ExchangeConfig, ctx: Context) -> ScenarioResult:
+    return _done(measure_points(ctx, "exchange", [cfg.point()], list(cfg.methods), cfg.repeats))
+
+
+# -- loads ----------------------------------------------------------------------------------------
+@dataclass
+class RestartConfig(PointConfig):
+    """A restart on the same nodes: each rank loads its own part in a fresh process, files evicted
+    from the page cache first."""
+
+    repeats: int = 3
+    methods: tuple[str, ...] = ("read", "tasd_load", "torch_load", "dcp_load", "nvrx_load")
+
+    @classmethod
+    def quick(cls) -> "RestartConfig":
+        return cls(size_mib=16, repeats=1)
+
+
+def restart(cfg: RestartConfig, ctx: Context) -> ScenarioResult:
+    return _done(load_point(ctx, "restart", cfg.point(), list(cfg.methods), cfg.repeats))
+
+
+@dataclass
+class RecoveryConfig(PointConfig):
+    """A restart after rank ``lost`` lost its node (its directories removed): every rank loads in a
+    fresh process, the lost rank's part coming from a replica; at each of ``tensor_counts``."""
+
+    repeats: int = 3
+    lost: int = 1
+    tensor_counts: tuple[int, ...] = (32, 10_032)
+    methods: tuple[str, ...] = ("read_send", "tasd_load", "nvrx_load")
+
+    @classmethod
+    def quick(cls) -> "RecoveryConfig":
+        return cls(size_mib=16, repeats=1, tensor_counts=(32,))
+
+
+def recovery(cfg: RecoveryConfig, ctx: Context) -> ScenarioResult:
+    if not 0 <= cfg.lost < cfg.world:
+        raise ValueError(f"recovery: lost rank {cfg.lost} is not a rank of a world of {cfg.world}")
+    figures = []
+    for n in cfg.tensor_counts:
+        figures += load_point(ctx, "recovery", cfg.point(n_tensors=n), list(cfg.methods), cfg.repeats, lost=cfg.lost)
+    return _done(figures, "n_tensors" if len(cfg.tensor_counts) > 1 else None)
+
+
+# -- sweeps ---------------------------------------------------------------------------------------
+@dataclass
+class TensorSweepConfig(PointConfig):
+    """The same bytes in more and more tensors."""
+
+    repeats: int = 3
+    tensor_counts: tuple[int, ...] = (32, 1_032, 10_032)
+    methods: tuple[str, ...] = ("copy", "tasd_async", "tasd_sync", "nvrx_async")
+
+    @classmethod
+    def quick(cls) -> "TensorSweepConfig":
+        return cls(size_mib=16, repeats=2, tensor_counts=(32, 10_032), methods=("copy", "tasd_async"))
+
+
+def tensor_sweep(cfg: TensorSweepConfig, ctx: Context) -> ScenarioResult:
+    points = [cfg.point(n_tensors=n) for n in cfg.tensor_counts]
+    return _done(measure_points(ctx, "tensor_sweep", points, list(cfg.methods), cfg.repeats), "n_tensors")
+
+
+@dataclass
+class WorldSweepConfig(PointConfig):
+    """More ranks on this machine (processes sharing its cores, memory bus and disk)."""
+
+    size_mib: float = 128
+    repeats: int = 3
+    worlds: tuple[int, ...] = (2, 4)
+    methods: tuple[str, ...] = ("copy", "write", "send_recv", "tasd_async", "tasd_sync", "tasd_exchange")
+
+    @classmethod
+    def quick(cls) -> "WorldSweepConfig":
+        return cls(size_mib=4, repeats=2, methods=("copy", "tasd_async", "tasd_sync"))
+
+
+def world_sweep(cfg: WorldSweepConfig, ctx: Context) -> ScenarioResult:
+    figures = []
+    for w in cfg.worlds:  # one run per world size
+        figures += measure_points(ctx, "world_sweep", [cfg.point(world=w)], list(cfg.methods), cfg.repeats)
+    return _done(figures, "world")
+
+
+@dataclass
+class FactorSweepConfig(PointConfig):
+    """More copies of each part (clique factor; 1 is no replication) at a fixed world size."""
+
+    world: int = 4
+    size_mib: float = 128
+    repeats: int = 3
+    factors: tuple[int, ...] = (1, 2, 4)
+    methods: tuple[str, ...] = ("copy", "write", "send_recv", "tasd_async", "tasd_sync", "tasd_exchange", "nvrx_sync")
+
+    @classmethod
+    def quick(cls) -> "FactorSweepConfig":
+        return cls(world=2, size_mib=4, repeats=2, factors=(1, 2), methods=("copy", "tasd_async", "tasd_sync"))
+
+
+def factor_sweep(cfg: FactorSweepConfig, ctx: Context) -> ScenarioResult:
+    points = [cfg.point(factor=f) for f in cfg.factors]
+    return _done(measure_points(ctx, "factor_sweep", points, list(cfg.methods), cfg.repeats), "factor")
+
+
+@dataclass
+class SizeSweepConfig(PointConfig):
+    """Larger and larger states (bytes per rank) in the same number of tensors."""
+
+    repeats: int = 3
+    sizes_mib: tuple[float, ...] = (32, 128, 512)
+    methods: tuple[str, ...] = ("copy", "write_direct", "tasd_async", "tasd_sync", "dcp_async", "nvrx_async")
+
+    @classmethod
+    def quick(cls) -> "SizeSweepConfig":
+        return cls(repeats=2, sizes_mib=(4, 16), methods=("copy", "tasd_async", "tasd_sync"))
+
+
+def size_sweep(cfg: SizeSweepConfig, ctx: Context) -> ScenarioResult:
+    points = [cfg.point(size_bytes=int(s * MiB)) for s in cfg.sizes_mib]
+    return _done(measure_points(ctx, "size_sweep", points, list(cfg.methods), cfg.repeats), "nbytes")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named scenario: its config class, its function and a one-line summary."""
+
+    name: str
+    config: type
+    run: object
+    summary: str = field(default="")
+
+
+#: Every scenario, in the order ``tasd bench`` runs them.
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("limits", LimitsConfig, limits, "the machine's limits: copy, write + fsync, read, gloo send/recv"),
+    Scenario("save_stall", SaveStallConfig, save_stall, "training stall of back-to-back async saves"),
+    Scenario("sync_save", SyncSaveConfig, sync_save, "synchronous save"),
+    Scenario("restart", RestartConfig, restart, "fresh processes load their own parts (a restart)"),
+    Scenario("recovery", RecoveryConfig, recovery, "restart after a lost node: its part from a replica"),
+    Scenario("exchange", ExchangeConfig, exchange, "replica exchange of a save"),
+    Scenario("tensor_sweep", TensorSweepConfig, tensor_sweep, "save stall and save time against tensor count"),
+    Scenario("world_sweep", WorldSweepConfig, world_sweep, "save figures against world size"),
+    Scenario("factor_sweep", FactorSweepConfig, factor_sweep, "save figures against replication factor"),
+    Scenario("size_sweep", SizeSweepConfig, size_sweep, "save figures against state size"),
+)}
