@@ -26,7 +26,7 @@ from tasd.managers import collectives, identity
 from tasd.managers.agreement import agree, agree_or_raise, raise_agreed
 from tasd.managers.async_ckpt import AsyncRequest
 from tasd.managers.config import ReplicationMismatchError
-from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
+from tasd.managers.errors import CheckpointingException, CorruptCheckpointError, PeerUnreachableError
 from tasd.managers.exchange import ExchangeAborted, OutgoingPart, exchange_parts
 from tasd.managers.fileformat import LoadedPart, PartMeta, RawPart
 from tasd.managers.recovery import Advertised, Latest, choose_latest, encode_adverts, plan_recovery
@@ -329,7 +329,8 @@ class BaseCheckpointManager(ABC):
         try:
             gathered = collectives.all_gather_json(mine, group)
         except Exception as e:
-            raise CheckpointingException(f"find_latest: rank {self.rank} could not reach the other ranks: {e}") from e
+            raise PeerUnreachableError(f"find_latest: rank {self.rank} could not reach the other ranks "
+                                       f"(a peer died or timed out): {e}") from e
         failures = {r: g["error"] for r, g in enumerate(gathered) if g["error"]}
         raise_agreed(failures, self.rank, error, "find_latest")
         self._adverts, self._excluded = [g["parts"] for g in gathered], []

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from tasd.managers.base_manager import BaseCheckpointManager
 from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
 from tasd.managers.fileformat import LoadedPart, PartMeta, RawPart
-from tasd.managers.partio import fsync_dir, read_header, read_part, read_raw_part, write_encoded, write_part
+from tasd.managers.partio import fsync_path, read_header, read_part, read_raw_part, write_encoded, write_part
 from tasd.managers.partnames import DIRTY_SUFFIX, parse_part_name, part_name
 from tasd.managers.recovery import Advertised
 from tasd.staging import HostBufferPool, Staged
@@ -160,7 +160,7 @@ class LocalCheckpointManager(BaseCheckpointManager):
             except OSError as e:
                 raise CheckpointingException(f"rank {self.rank} could not publish {path}: {e}") from e
             self._known[path] = (self._identity(path), meta, True)
-        fsync_dir(self.local_ckpt_dir)
+        fsync_path(self.local_ckpt_dir)
 
     def _is_unchanged(self, path: Path, identity: tuple[int, int, int] | None) -> bool:
         try:

@@ -59,7 +59,8 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (opened read-only) by its path. Not collective."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -123,7 +124,7 @@ def write_encoded(path: Path, data_offset: int, buffer: torch.Tensor, prefix: by
         finally:
             os.close(fd)
         os.rename(tmp, path)
-        fsync_dir(Path(path).parent)
+        fsync_path(Path(path).parent)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -27,6 +27,7 @@ from tasd.bench import nvrx_shim
 from tasd.bench.measure import Completion, Method, run_methods
 from tasd.managers import LocalCheckpointManager
 from tasd.managers.async_ckpt import AsyncCallsQueue, AsyncRequest
+from tasd.managers.partio import fsync_path
 from tasd.managers.replication import CliqueReplicationStrategy, parse_group_sequence
 
 CHUNK = 64 << 20
@@ -94,14 +95,6 @@ def write_file(path: Path, data: torch.Tensor, direct: bool = False) -> None:
             chunk = view[o:o + CHUNK]
             while chunk:
                 chunk = chunk[os.write(fd, chunk):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -302,7 +295,7 @@ class RankBench:
             it = self.next_iteration()
             path = directory / f"state_{it}.pt"
             torch.save(self.state, path)
-            fsync_file(path)
+            fsync_path(path)
             return lambda: [p.unlink() for p in directory.glob("state_*.pt") if p != path]
         return Method("torch_save", call)
 
