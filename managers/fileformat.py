@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import struct
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,7 +54,7 @@ import xxhash
 from tasd import device, serialization
 from tasd.managers.errors import CorruptCheckpointError
 from tasd.serialization import safe_loads
-from tasd.staging import TensorLayout
+from tasd.staging import Layout, TensorLayout
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,22 @@ def chunks(nbytes: int, chunk: int) -> list[tuple[int, int]]:
     return [(o, min(chunk, nbytes - o)) for o in range(0, nbytes, chunk)]
 
 
+_tables: "weakref.WeakKeyDictionary[Layout, str]" = weakref.WeakKeyDictionary()
+
+
+def tensor_table(layouts: Sequence[TensorLayout]) -> str:
+    """The header's ``tensors`` JSON for ``layouts``: the large part of a header (one entry per
+    tensor), encoded once per :class:`~tasd.staging.Layout` object (a structure saved again
+    reuses it). Thread-safe."""
+    table = _tables.get(layouts) if isinstance(layouts, Layout) else None
+    if table is None:
+        table = json.dumps([[dtype_name(l.dtype), list(l.shape), l.offset, l.nbytes] for l in layouts],
+                           separators=(",", ":"))
+        if isinstance(layouts, Layout):
+            _tables[layouts] = table
+    return table
+
+
 def encode_header(meta: PartMeta, hollow: bytes, layouts: Sequence[TensorLayout], data_nbytes: int,
                   chunk_sums: Sequence[int]) -> tuple[bytes, int]:
     """(preamble + header + hollow bytes, data offset). Checksum fields are fixed-width, so the
@@ -203,9 +220,7 @@ def encode_header(meta: PartMeta, hollow: bytes, layouts: Sequence[TensorLayout]
     if len(hollow) > serialization.MAX_HOLLOW_BYTES:
         raise ValueError(f"hollow state dict of {len(hollow)} bytes exceeds MAX_HOLLOW_BYTES "
                          f"({serialization.MAX_HOLLOW_BYTES})")
-    # The tensor table is the large part (one entry per tensor): encode it once.
-    tensors = json.dumps([[dtype_name(l.dtype), list(l.shape), l.offset, l.nbytes] for l in layouts],
-                         separators=(",", ":"))
+    tensors = tensor_table(layouts)
     hollow_sum = _hex(xxhash.xxh3_64_intdigest(hollow))
     sums = [_hex(s) for s in chunk_sums]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import weakref
 from typing import Any, Iterable, Iterator
 
@@ -18,14 +19,10 @@ def _is_placeholder(obj: Any) -> bool:
     return isinstance(obj, TensorPlaceholder)
 
 
-def _same_view_key(t: torch.Tensor) -> tuple | None:
-    """What makes two tensor objects the same tensor for a checkpoint (tied weights), or None for a
-    tensor without memory (empty storages may share a null data pointer)."""
-    storage = t.untyped_storage()
-    if storage.nbytes() == 0:
-        return None
-    return (storage.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device,
-            type(t), t.requires_grad)
+def _same_view_key(t: torch.Tensor) -> tuple:
+    """What makes two tensor objects with the same data pointer the same tensor for a checkpoint
+    (tied weights)."""
+    return (tuple(t.shape), t.stride(), t.dtype, t.device, type(t), t.requires_grad)
 
 
 @register_library_class
@@ -48,6 +45,9 @@ class BasicTensorAwareStateDict(TensorAwareStateDict):
         self._pool = pool
         self._staged: Staged | None = None
         self._release: weakref.finalize | None = None
+        # Between pop_tensors and insert_tensors: (the structure before the pop, the tensors
+        # popped, their devices), to put the same tensors back without a walk.
+        self._popped: tuple[Any, list[torch.Tensor], list[str]] | None = None
 
     # -- pickling: only hollow objects, without runtime state ---------------------------------
     def __getstate__(self) -> dict:
@@ -67,6 +67,10 @@ class BasicTensorAwareStateDict(TensorAwareStateDict):
     def pop_tensors(self) -> list[torch.Tensor]:
         """Remove the tensors and return each once, in walk order; the object becomes hollow.
 
+        Until :meth:`insert_tensors`, the object keeps the structure it had (and so the tensors),
+        so that putting the same tensor objects back (as a save does after staging them) costs no
+        walk.
+
         Tensors that are the same view of the same memory (tied weights: one storage, offset,
         shape, strides, dtype, device, tensor type and requires_grad under several keys, as
         ``model.state_dict()`` returns them) are one tensor: every placeholder of it carries its
@@ -78,24 +82,40 @@ class BasicTensorAwareStateDict(TensorAwareStateDict):
         if self._hollow:
             raise ValueError("state dict is already hollow (pop_tensors called twice?)")
         tensors: list[torch.Tensor] = []
-        index_of: dict[tuple, int] = {}
+        popped_devices: list[str] = []
+        # data pointer -> indices of the tensors starting there: only tensors sharing a pointer
+        # (tied, or views of one storage) are compared further. Tensors without elements are
+        # never tied (empty storages may share a null pointer).
+        at_ptr: dict[int, list[int]] = {}
         devices = self._devices
+        device_names: dict[torch.device, str] = {}
 
         def take(path, t: torch.Tensor) -> TensorPlaceholder:
             reason = check_stageable(t)
             if reason:
                 raise TypeError(f"state dict entry {format_path(path)!r} {reason}")
-            key = _same_view_key(t)
-            i = index_of.get(key) if key is not None else None
+            i = None
+            if t.numel():
+                same = at_ptr.setdefault(t.data_ptr(), [])
+                if same:
+                    key = _same_view_key(t)
+                    i = next((j for j in same if _same_view_key(tensors[j]) == key), None)
+                if i is None:
+                    same.append(len(tensors))
             if i is None:
                 i = len(tensors)
                 tensors.append(t)
-                if key is not None:
-                    index_of[key] = i
-            dev = devices[i] if devices is not None and i < len(devices) else str(t.device)
-            return TensorPlaceholder(i, t.dtype, tuple(t.shape), dev)
+                if devices is not None and i < len(devices):
+                    dev = devices[i]
+                else:
+                    d = t.device
+                    dev = device_names.get(d) or device_names.setdefault(d, str(d))
+                popped_devices.append(dev)
+            return TensorPlaceholder(i, t.dtype, t.shape, popped_devices[i])
 
-        self.state_dict = map_tensors(self.state_dict, take)
+        before = self.state_dict
+        self.state_dict = map_tensors(before, take)
+        self._popped = (before, list(tensors), popped_devices)
         self._hollow = True
         return tensors
 
@@ -111,11 +131,18 @@ class BasicTensorAwareStateDict(TensorAwareStateDict):
 
     def insert_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
         """Put back one tensor per distinct placeholder index (as :meth:`pop_tensors` returned
-        them): the same tensor object goes to every key whose placeholder carries its index.
-        ValueError when the number of tensors or a dtype or shape does not match."""
+        them): the same tensor object goes to every key whose placeholder carries its index. The
+        very tensor objects the last pop_tensors returned restore the structure as it was before
+        that pop, without a walk (each key's own tensor object again). ValueError when the number
+        of tensors or a dtype or shape does not match."""
         if not self._hollow:
             raise ValueError("state dict is not hollow: nothing to insert into")
         tensors = list(tensors)
+        popped, self._popped = self._popped, None
+        if popped is not None and len(tensors) == len(popped[1]) and all(map(operator.is_, tensors, popped[1])):
+            # The very tensors just popped: the structure they were popped from is the result.
+            self.state_dict, self._devices, self._hollow = popped[0], popped[2], False
+            return
         devices: dict[int, str] = {}
 
         def put(path, ph: TensorPlaceholder) -> torch.Tensor:

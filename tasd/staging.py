@@ -12,11 +12,13 @@ save, and the pool's counters prove it. Only plain tensors can be staged (:func:
 from __future__ import annotations
 
 import logging
+import math
+import pickle
 import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -58,14 +60,72 @@ class TensorLayout:
         return flat.view(self.dtype).view(self.shape)
 
 
-def plan_layout(tensors: Iterable[torch.Tensor]) -> tuple[list[TensorLayout], int]:
-    """Place ``tensors`` one after another at TENSOR_ALIGNMENT offsets; return (layouts, total bytes)."""
-    layouts, offset = [], 0
-    for t in tensors:
-        nbytes = t.numel() * t.element_size()
-        layouts.append(TensorLayout(t.dtype, tuple(t.shape), offset, nbytes))
+class Layout(Sequence[TensorLayout]):
+    """Where each of a sequence of tensors lives in one buffer (a sequence of TensorLayout, in
+    tensor order) and the buffer's size ``nbytes``. Immutable: :func:`plan_layout` hands the same
+    object to every staging of the same structure, and the pool caches its views per buffer.
+
+    Compared and hashed by identity (derived forms, such as the part format's tensor table, are
+    cached per object). Pickles compactly (one bytes object, built once), since an async save
+    hands it to a worker process on the training thread."""
+
+    __slots__ = ("_entries", "nbytes", "_pickled", "__weakref__")
+
+    def __init__(self, entries: Sequence[TensorLayout], nbytes: int):
+        self._entries = tuple(entries)
+        self.nbytes = nbytes
+        self._pickled: bytes | None = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._entries[i]
+
+    def __iter__(self) -> Iterator[TensorLayout]:
+        return iter(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Layout({len(self._entries)} tensors, {self.nbytes} bytes)"
+
+    def __reduce__(self):
+        if self._pickled is None:  # a benign race: two threads build the same bytes
+            rows = [(lay.dtype, lay.shape, lay.offset, lay.nbytes) for lay in self._entries]
+            self._pickled = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
+        return (_unpickle_layout, (self._pickled, self.nbytes))
+
+
+def _unpickle_layout(rows: bytes, nbytes: int) -> Layout:
+    return Layout([TensorLayout(*row) for row in pickle.loads(rows)], nbytes)
+
+
+#: Layouts of the structures staged most recently, by (dtype, shape) of every tensor.
+_PLANS_KEPT = 8
+_plans: OrderedDict[tuple, Layout] = OrderedDict()
+_plans_lock = threading.Lock()
+
+
+def plan_layout(tensors: Sequence[torch.Tensor]) -> Layout:
+    """Place ``tensors`` one after another at TENSOR_ALIGNMENT offsets. The layout of a structure
+    (the dtype and shape of every tensor) staged recently is returned from a cache: a model saved
+    every few minutes is planned once. Not collective; thread-safe."""
+    signature = tuple([(t.dtype, t.shape) for t in tensors])
+    with _plans_lock:
+        hit = _plans.get(signature)
+        if hit is not None:
+            _plans.move_to_end(signature)
+            return hit
+    entries, offset = [], 0
+    for dtype, shape in signature:
+        nbytes = math.prod(shape) * dtype.itemsize
+        entries.append(TensorLayout(dtype, tuple(shape), offset, nbytes))
         offset = _align(offset + nbytes, TENSOR_ALIGNMENT)
-    return layouts, offset
+    layout = Layout(entries, offset)
+    with _plans_lock:
+        _plans[signature] = layout
+        while len(_plans) > _PLANS_KEPT:
+            _plans.popitem(last=False)
+    return layout
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -92,7 +152,7 @@ def check_stageable(t: torch.Tensor) -> str | None:
         return f"has layout {t.layout}: only dense strided tensors can be staged"
     if t.is_quantized:
         return "is quantized: quantized tensors cannot be staged"
-    if t.device.type == "meta":
+    if t.is_meta:
         return "is a meta tensor: it has no data to stage"
     return None
 
@@ -139,6 +199,7 @@ class HostBufferPool:
         self._lock = threading.Lock()
         self._free: OrderedDict[int, torch.Tensor] = OrderedDict()  # key -> buffer, oldest first
         self._in_use: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (buffer, view handed out)
+        self._views: dict[int, tuple[Layout, list[torch.Tensor]]] = {}  # key -> views of the last layout staged
         self._free_bytes = 0
         self._in_use_bytes = 0
         self._allocating = 0  # bytes being allocated outside the lock, counted as in use
@@ -194,6 +255,7 @@ class HostBufferPool:
                 return view
             for key in [k for k, b in self._free.items() if b.numel() < nbytes]:
                 self._free_bytes -= self._free.pop(key).numel()  # superseded by the new buffer
+                self._views.pop(key, None)
             self._allocating += nbytes
             self._peak_in_use = max(self._peak_in_use, self._in_use_bytes + self._allocating)
         try:
@@ -228,20 +290,46 @@ class HostBufferPool:
             bound = (MAX_OVERSIZE * self._peak_in_use if self.max_pooled_bytes is None
                      else self.max_pooled_bytes)
             while self._free and self._free_bytes > bound:
-                _, dropped = self._free.popitem(last=False)
+                key, dropped = self._free.popitem(last=False)
                 self._free_bytes -= dropped.numel()
+                self._views.pop(key, None)
 
     def forget(self, buf: torch.Tensor) -> None:
         """Stop tracking a buffer from :meth:`acquire` without pooling it (another process may
         still read it): it is freed once nothing references it. Unknown buffers raise ValueError."""
         with self._lock:
-            self._untrack(buf)
+            key, _ = self._untrack(buf)
+            self._views.pop(key, None)
 
     def clear(self) -> None:
         """Drop all free buffers."""
         with self._lock:
+            for key in self._free:
+                self._views.pop(key, None)
             self._free.clear()
             self._free_bytes = 0
+
+    def views(self, buf: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+        """Views of ``buf`` (held from :meth:`acquire`, at least ``layout.nbytes`` long), one per
+        entry of ``layout``. Built once per buffer and layout: while the pool keeps the buffer, the
+        views of the layout last asked for are kept with it, so staging the same structure into a
+        reused buffer creates no tensor objects. ValueError for a buffer not held from this pool.
+        Not collective; thread-safe."""
+        key = self._key(buf)
+        with self._lock:
+            entry = self._in_use.get(key)
+            if entry is None or entry[1].numel() != buf.numel():
+                raise ValueError("buffer was not acquired from this pool (or was released)")
+            cached = self._views.get(key)
+            if cached is not None and cached[0] is layout:
+                return cached[1]
+        if layout.nbytes > buf.numel():
+            raise ValueError(f"layout of {layout.nbytes} bytes does not fit a buffer of {buf.numel()} bytes")
+        views = [lay.view(entry[0]) for lay in layout]
+        with self._lock:
+            if key in self._in_use:
+                self._views[key] = (layout, views)
+        return views
 
 
 _default_pools: dict[bool, HostBufferPool] = {}
@@ -262,7 +350,7 @@ class Staged:
     ``devices[i]`` is the device it came from."""
 
     buffer: torch.Tensor
-    layouts: list[TensorLayout]
+    layouts: Layout
     devices: list[str]
     pool: HostBufferPool
 
@@ -282,25 +370,34 @@ class Staged:
 
 def stage(tensors: Sequence[torch.Tensor], pool: HostBufferPool | None = None,
           non_blocking: bool = False) -> Staged:
-    """Copy ``tensors`` into one buffer from ``pool``. Device-to-host copies are queued on the
-    current CUDA stream; without ``non_blocking`` this waits for that stream once (not for the
-    whole device: the training's other streams go on). With ``non_blocking`` they may still be in
-    flight on return (call :func:`tasd.device.synchronize_stream` before reading)."""
+    """Copy ``tensors`` into one buffer from ``pool`` (:func:`plan_layout` places them).
+    Device-to-host copies are queued on the current CUDA stream; without ``non_blocking`` this
+    waits for that stream once (not for the whole device: the training's other streams go on).
+    With ``non_blocking`` they may still be in flight on return (call
+    :func:`tasd.device.synchronize_stream` before reading). TypeError naming the tensor's index
+    for a tensor that cannot be staged (:func:`check_stageable`). Not collective.
+
+    The cost per tensor is a few microseconds of Python once the structure was staged before:
+    the layout and the buffer's views are cached, and the copies are one ``torch._foreach_copy_``.
+    """
     pool = pool or default_pool()
+    tensors = list(tensors)
     for i, t in enumerate(tensors):
         reason = check_stageable(t)
         if reason:
             raise TypeError(f"tensor {i} {reason}")
-    layouts, total = plan_layout(tensors)
-    buffer = pool.acquire(total)
+    layout = plan_layout(tensors)
+    buffer = pool.acquire(layout.nbytes)
     try:
-        on_device = False
-        for t, lay in zip(tensors, layouts):
-            on_device |= t.device.type == "cuda"
-            lay.view(buffer).copy_(t.detach(), non_blocking=t.device.type == "cuda")
+        devices = [t.device for t in tensors]
+        on_device = any(d.type == "cuda" for d in set(devices))
+        if tensors:
+            with torch.no_grad():  # the copies are snapshots, never part of an autograd graph
+                torch._foreach_copy_(pool.views(buffer, layout), tensors, non_blocking=on_device)
         if on_device and not non_blocking:
             device.synchronize_stream()
     except BaseException:
         pool.release(buffer)
         raise
-    return Staged(buffer, layouts, [str(t.device) for t in tensors], pool)
+    names = {d: str(d) for d in set(devices)}
+    return Staged(buffer, layout, [names[d] for d in devices], pool)

@@ -187,7 +187,11 @@ def test_tied_tensors_are_popped_once_and_inserted_as_one_tensor():
     assert ph["emb.weight"].index == ph["head.weight"].index == 0
     sd.insert_tensors(tensors)
     assert_same(sd.state_dict, original)
-    assert sd.state_dict["model"]["emb.weight"] is sd.state_dict["model"]["head.weight"]
+    for key in ("emb.weight", "head.weight"):  # the very tensors popped: the structure as it was
+        assert sd.state_dict["model"][key] is original["model"][key]
+    copies = [t.clone() for t in sd.pop_tensors()]
+    sd.insert_tensors(copies)  # other tensors: one object at every key of its index
+    assert sd.state_dict["model"]["emb.weight"] is sd.state_dict["model"]["head.weight"] is copies[0]
     other = BasicTensorAwareStateDict(original)
     other.pop_tensors()
     hollow = safe_loads(dumps(other))
@@ -208,8 +212,9 @@ def test_aliases_that_are_not_the_same_view_stay_separate():
     tensors = sd.pop_tensors()
     assert len(tensors) == 7, "only 'g' is the same view as 'a' (a Parameter is kept apart)"
     assert sd.state_dict["g"].index == sd.state_dict["a"].index
-    sd.insert_tensors(tensors)
+    sd.insert_tensors([t if isinstance(t, torch.nn.Parameter) else t.clone() for t in tensors])
     assert_same(sd.state_dict, {**state, "g": base})
+    assert sd.state_dict["g"] is sd.state_dict["a"]
 
 
 def test_copy_tensors_to_cpu_keeps_tied_tensors_tied():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tasd import BasicTensorAwareStateDict, HostBufferPool, device
-from tasd.staging import MAX_OVERSIZE, check_stageable, stage
+from tasd.staging import MAX_OVERSIZE, Layout, TensorLayout, check_stageable, plan_layout, stage
 
 MiB = 1 << 20
 
@@ -294,3 +294,61 @@ def test_dtensor_is_refused_with_the_key_path_and_the_fsdp_backend(ranks):
     for msg in ranks(dtensor_is_refused, 2):
         assert "'model.w' is a DTensor (a tensor subclass)" in msg
         assert "tasd.fsdp.FSDPTensorAwareStateDict" in msg
+
+
+# -- the cached layout: staging the same structure again costs no planning and no new views ----
+def test_a_structure_is_planned_once_and_its_layout_pickles_compactly():
+    import pickle
+
+    tensors = [torch.zeros(3, 5), torch.zeros(7, dtype=torch.int8), torch.zeros(0), torch.zeros(2, dtype=torch.float64)]
+    layout = plan_layout(tensors)
+    assert isinstance(layout, Layout) and len(layout) == 4
+    assert [(lay.offset, lay.nbytes) for lay in layout] == [(0, 60), (64, 7), (128, 0), (128, 16)]
+    assert layout.nbytes == 192
+    assert plan_layout([torch.ones(3, 5), torch.ones(7, dtype=torch.int8), torch.ones(0),
+                        torch.ones(2, dtype=torch.float64)]) is layout, "same dtypes and shapes: the same object"
+    assert plan_layout([torch.zeros(3, 6), *tensors[1:]]) is not layout
+    back = pickle.loads(pickle.dumps(layout))
+    assert list(back) == list(layout) and back.nbytes == layout.nbytes
+    many = plan_layout([torch.zeros(4)] * 5000)
+    assert len(pickle.dumps(many)) < 40 * len(many), "one bytes object, not 5000 pickled dataclasses"
+    assert isinstance(many[0], TensorLayout) and many[-1].offset == 4999 * 64
+
+
+def test_restaging_a_structure_reuses_the_buffer_and_its_views():
+    pool = HostBufferPool(pin=False)
+    state = [torch.randn(100), torch.randn(3, 4, requires_grad=True), torch.arange(5)]
+    first = stage(state, pool)
+    views = pool.views(first.buffer, first.layouts)
+    assert pool.views(first.buffer, first.layouts) is views, "asked again: the same views"
+    first.release()
+    state[0].add_(1)
+    second = stage(state, pool)
+    assert pool.reuses == 1 and pool.views(second.buffer, second.layouts) is views
+    assert not second.buffer.requires_grad and all(not v.requires_grad for v in views)
+    for t, lay in zip(state, second.layouts):
+        assert torch.equal(lay.view(second.buffer), t.detach()), "the copies are the current values"
+    other = stage([torch.randn(100), torch.randn(12), torch.arange(5)], pool)  # same bytes, another structure
+    assert other.layouts is not second.layouts
+    assert pool.views(other.buffer, other.layouts) is not views
+
+
+def test_views_go_when_their_buffer_leaves_the_pool():
+    import weakref
+    pool = HostBufferPool(pin=False)
+    staged = stage([torch.randn(64), torch.randn(8)], pool)
+    buffer = weakref.ref(staged.buffer)
+    pool.views(staged.buffer, staged.layouts)
+    staged.discard()  # forgotten: a worker may still read it, the pool must not keep it alive
+    gc.collect()
+    assert buffer() is None, "cached views kept a forgotten buffer alive"
+    staged = stage([torch.randn(64), torch.randn(8)], pool)
+    buffer = weakref.ref(staged.buffer)
+    staged.release()
+    pool.clear()
+    del staged
+    gc.collect()
+    assert buffer() is None, "cached views kept a cleared buffer alive"
+    with pytest.raises(ValueError, match="not acquired"):
+        pool.views(torch.empty(8, dtype=torch.uint8), plan_layout([torch.zeros(2)]))
+
