@@ -27,8 +27,8 @@ from tasd.managers.agreement import agree, agree_or_raise, raise_agreed
 from tasd.managers.async_ckpt import AsyncRequest
 from tasd.managers.config import ReplicationMismatchError
 from tasd.managers.errors import CheckpointingException, CorruptCheckpointError, PeerUnreachableError
-from tasd.managers.exchange import ExchangeAborted, OutgoingPart, exchange_parts
-from tasd.managers.fileformat import LoadedPart, PartMeta, RawPart
+from tasd.managers.exchange import ExchangeAborted, OutgoingPart, TransferDamaged, exchange_parts
+from tasd.managers.fileformat import LoadedPart, PartMeta
 from tasd.managers.recovery import Advertised, Latest, choose_latest, encode_adverts, plan_recovery
 from tasd.managers.replication import NoReplicasAvailableError, ReplicationStrategy
 from tasd.managers.save_job import SaveJob, SaveStats
@@ -141,8 +141,11 @@ class BaseCheckpointManager(ABC):
         of save ``save_id``)."""
 
     @abstractmethod
-    def _read_raw_part(self, iteration: int, owner: int, save_id: str) -> RawPart:
-        """Read and verify a part this rank holds, as bytes (to send)."""
+    def _open_outgoing(self, iteration: int, owner: int, save_id: str) -> tuple[OutgoingPart, Callable[[], None]]:
+        """A part this rank holds, opened to be sent, and the function that closes it: its header
+        and prefix checked now (CorruptCheckpointError when damaged or not of save ``save_id``),
+        its data read and verified piece by piece by the OutgoingPart's ``fill`` as the exchange
+        sends it."""
 
     @abstractmethod
     def _remove_iteration(self, iteration: int) -> None:
@@ -393,7 +396,7 @@ class BaseCheckpointManager(ABC):
         needs, plan = plan_recovery(latest, self.world_size)
         error: BaseException | None = None
         damaged: list[list] = []  # [iteration, save_id, holder, owner] this rank found damaged
-        sd, outgoing, aborted = None, {}, False
+        sd, outgoing, closers, aborted = None, {}, [], False
         try:
             if self.rank not in needs:
                 try:
@@ -404,13 +407,14 @@ class BaseCheckpointManager(ABC):
             for t in plan:
                 if t.src == self.rank and error is None:
                     try:
-                        outgoing[t.owner] = self._outgoing(iteration, t.owner, save_id)
+                        outgoing[t.owner], close = self._open_outgoing(iteration, t.owner, save_id)
+                        closers.append(close)
                     except CorruptCheckpointError as e:
                         error = e
                         damaged.append([iteration, save_id, self.rank, t.owner])
         except Exception as e:
             error = e
-        if plan:  # every rank takes part; a rank that failed to read says so before data moves
+        if plan:  # every rank takes part; a rank that failed to open a part says so before data moves
             try:
                 received = exchange_parts(plan, outgoing, group=self.repl_strategy.group, failure=error)
                 if self.rank in needs:
@@ -418,8 +422,14 @@ class BaseCheckpointManager(ABC):
                         f"part of rank {self.rank} received for iteration {iteration}"))
             except ExchangeAborted:  # another rank's failure or damaged part: it reports it
                 aborted = True
+            except TransferDamaged as e:  # read by its holder, or validated here, as it moved
+                error = error or e
+                damaged += [[iteration, save_id, t.src, t.owner] for t in e.transfers]
             except Exception as e:
                 error = error or e
+            finally:
+                for close in closers:
+                    close()
         if sd is None and error is None and not damaged and not aborted:
             error = NoReplicasAvailableError(iteration, [self.rank])
         # 2: a failure (raise everywhere), 1: damaged parts only (plan again), 0: loaded
@@ -436,10 +446,6 @@ class BaseCheckpointManager(ABC):
             logger.info("rank %d: iteration %d restored with %d part(s) fetched from peers: %s",
                         self.rank, iteration, len(plan), [(t.owner, t.src) for t in plan])
         return sd, (iteration, self.rank, self.session_id)
-
-    def _outgoing(self, iteration: int, owner: int, save_id: str) -> OutgoingPart:
-        raw = self._read_raw_part(iteration, owner, save_id)
-        return OutgoingPart(raw.prefix, raw.buffer)
 
     def _load_part(self, iteration: int, part: LoadedPart) -> TensorAwareStateDict:
         owner = part.header.meta.owner_rank

@@ -27,14 +27,14 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
 from tasd import device
 from tasd.managers import collectives
-from tasd.managers.errors import CheckpointingException, PeerUnreachableError
+from tasd.managers.errors import CheckpointingException, CorruptCheckpointError, PeerUnreachableError
 from tasd.managers.fileformat import CHUNK_BYTES, RawPart, check_checksums, chunk_checksums, parse_prefix
 from tasd.staging import HostBufferPool
 
@@ -56,14 +56,30 @@ class Transfer:
 
 @dataclass
 class OutgoingPart:
-    """A part ready to send: its encoded prefix and its data section (1-D uint8 host tensor)."""
+    """A part to send: its encoded prefix and its data section (1-D uint8 host tensor).
+
+    ``fill`` (optional): the data section is still to be read into ``buffer``; ``fill(start,
+    stop)`` reads those bytes, called in order piece by piece just before each piece is sent, so
+    that reading the next piece overlaps sending this one. It may raise: the piece is then sent as
+    it is (its receiver must not wait for it), and the error is raised once the exchange's data
+    has moved (CorruptCheckpointError as :class:`TransferDamaged`)."""
 
     prefix: bytes
     buffer: torch.Tensor
+    fill: Callable[[int, int], None] | None = None
 
 
 class ExchangeAborted(CheckpointingException):
     """The exchange was called off before any data moved because some rank failed to prepare."""
+
+
+class TransferDamaged(CorruptCheckpointError):
+    """Parts found damaged as they moved: by their sender as it read them, or by their receiver as
+    it validated them. ``transfers``: which."""
+
+    def __init__(self, transfers: list[Transfer], message: str):
+        super().__init__(message)
+        self.transfers = transfers
 
 
 def _tag(owner: int, kind: int) -> int:
@@ -97,7 +113,9 @@ def exchange_parts(plan: Sequence[Transfer], outgoing: Mapping[int, OutgoingPart
     allocate: the failing rank its ``failure`` (or its allocation error), the others
     ExchangeAborted. Raises ValueError when ``outgoing`` lacks a part this rank must send,
     CorruptCheckpointError when a received part fails validation, PeerUnreachableError when a peer
-    dies or times out (after the group's timeout).
+    dies or times out (after the group's timeout), TransferDamaged when an outgoing part's ``fill``
+    found it damaged (on its sender, after sending it all) or a received part fails validation
+    (on its receiver), and what an outgoing part's ``fill`` raised otherwise.
     """
     rank = dist.get_rank()
     if dist.get_backend(group) != "gloo":
@@ -170,38 +188,68 @@ def _move(rank: int, sends: list[Transfer], recvs: list[Transfer], outgoing: Map
     overlap = chunk_bytes % CHUNK_BYTES == 0  # landed pieces hold whole checksum chunks
     sums: dict[Transfer, list[Future]] = {t: [] for t in recvs}
     longest = max([outgoing[t.owner].buffer.numel() for t in sends] + [shape[t][1] for t in recvs], default=0)
-    ops, landing = [], []
-    for start in range(0, longest, chunk_bytes):  # host memory: every piece is posted at once
+    ops, landing, lazy = [], [], []
+    for start in range(0, longest, chunk_bytes):  # host memory: every piece is posted at once...
         for t in sends:
             piece = outgoing[t.owner].buffer[start:start + chunk_bytes]
-            if piece.numel():
+            if piece.numel() and outgoing[t.owner].fill is None:
                 ops.append(dist.P2POp(dist.isend, piece, t.dst, group, _tag(t.owner, 2)))
                 landing.append(None)
+            elif piece.numel():  # ...but a piece still to be read: posted once read, below
+                lazy.append((t, start, piece))
         for t in recvs:
             piece = buffers[t][start:start + chunk_bytes]
             if piece.numel():
                 ops.append(dist.P2POp(dist.irecv, piece, t.src, group, _tag(t.owner, 2)))
                 landing.append((t, piece))
+    send_errors: dict[Transfer, BaseException] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="tasd-verify") as hasher:
         try:
-            for work, landed in zip(_run(ops), landing):
+            works = _run(ops)
+            for t, start, piece in lazy:  # read piece k while pieces before it are in flight
+                if t not in send_errors:
+                    try:
+                        outgoing[t.owner].fill(start, start + piece.numel())
+                    except Exception as e:  # sent anyway: its receiver must not wait for it
+                        send_errors[t] = e
+                works.append(dist.isend(piece, t.dst, group, _tag(t.owner, 2)))
+                landing.append(None)
+            for work, landed in zip(works, landing):
                 work.wait()
                 if landed is not None and overlap:  # hashed (GIL released) while later pieces fly
                     t, piece = landed
                     sums[t].append(hasher.submit(chunk_checksums, memoryview(piece.numpy())))
         except Exception as e:
             raise _unreachable(rank, "data", e) from e
-        received = {}
+        _raise_send_errors(rank, send_errors)
+        received, damaged = {}, {}
         for t in recvs:
             origin = f"part of rank {t.owner} received by rank {rank} from rank {t.src}"
-            prefix = prefixes[t].numpy().tobytes()
-            header, hollow = parse_prefix(prefix, shape[t][1], origin)
-            got = ([s for f in sums[t] for s in f.result()] if overlap
-                   else chunk_checksums(memoryview(buffers[t].numpy())))
-            check_checksums(header, got, origin)
+            try:
+                prefix = prefixes[t].numpy().tobytes()
+                header, hollow = parse_prefix(prefix, shape[t][1], origin)
+                got = ([s for f in sums[t] for s in f.result()] if overlap
+                       else chunk_checksums(memoryview(buffers[t].numpy())))
+                check_checksums(header, got, origin)
+            except CorruptCheckpointError as e:
+                damaged[t] = e
+                continue
             received[t.owner] = RawPart(header, prefix, hollow, buffers[t])
+    if damaged:
+        raise TransferDamaged(sorted(damaged), "; ".join(str(e) for e in damaged.values()))
     logger.debug("rank %d sent %d and received %d parts", rank, len(sends), len(recvs))
     return received
+
+
+def _raise_send_errors(rank: int, errors: dict[Transfer, BaseException]) -> None:
+    """Raise what reading outgoing parts raised, once all data moved: damaged parts as one
+    TransferDamaged, any other error as it came."""
+    other = [e for e in errors.values() if not isinstance(e, CorruptCheckpointError)]
+    if other:
+        raise other[0]
+    if errors:
+        raise TransferDamaged(sorted(errors), f"rank {rank} found part(s) it sent damaged: "
+                                              + "; ".join(str(e) for e in errors.values()))
 
 
 def plan_retrieval(needs: Mapping[int, Sequence[int]], holders: Mapping[int, Sequence[int]],

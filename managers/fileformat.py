@@ -422,8 +422,9 @@ _NUMPY_DTYPES = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, tor
 
 def own_storage(layout: TensorLayout) -> tuple[torch.Tensor, memoryview]:
     """An uninitialized tensor for ``layout`` in a storage of exactly its own bytes, and a writable
-    byte view of that storage (empty for an empty tensor)."""
-    t = torch.empty(layout.shape, dtype=layout.dtype)
+    byte view of that storage (empty for an empty tensor); large ones in huge pages where the
+    kernel has them (:func:`tasd.device.host_tensor`)."""
+    t = device.host_tensor(layout.shape, layout.dtype)
     if not layout.nbytes:
         return t, memoryview(b"")
     if layout.dtype in _NUMPY_DTYPES:

@@ -9,16 +9,18 @@ of an interrupted save are removed by the next scan.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from tasd.managers.base_manager import BaseCheckpointManager
 from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
-from tasd.managers.fileformat import LoadedPart, PartMeta, RawPart
-from tasd.managers.partio import fsync_path, read_header, read_part, read_raw_part, write_encoded, write_part
+from tasd.managers.exchange import OutgoingPart
+from tasd.managers.fileformat import LoadedPart, PartMeta
+from tasd.managers.partio import fsync_path, open_raw_part, read_header, read_part, write_encoded, write_part
 from tasd.managers.partnames import DIRTY_SUFFIX, parse_part_name, part_name
 from tasd.managers.recovery import Advertised
 from tasd.staging import HostBufferPool, Staged
@@ -244,26 +246,46 @@ class LocalCheckpointManager(BaseCheckpointManager):
         self._check_save_id(path, part.header.meta, save_id)
         return part
 
-    def _read_raw_part(self, iteration: int, owner: int, save_id: str) -> RawPart:
+    def _open_outgoing(self, iteration: int, owner: int, save_id: str) -> tuple[OutgoingPart, Callable[[], None]]:
         path = self._path(iteration, owner)
-        part = self._read(path, read_raw_part)
-        self._check_save_id(path, part.header.meta, save_id)
-        return part
+        with self._reading(path) as identity:
+            reader = open_raw_part(path)
+        try:
+            self._check_save_id(path, reader.header.meta, save_id)
+        except BaseException:
+            reader.close()
+            raise
+
+        def fill(start: int, stop: int) -> None:
+            with self._reading(path, identity):
+                reader.fill(start, stop)
+            if reader.verified:
+                self._known[path] = (identity, reader.header.meta, True)
+        return OutgoingPart(reader.prefix, reader.buffer, fill), reader.close
 
     def _read(self, path: Path, reader: Callable[[Path], Any]) -> Any:
         """``reader(path)``: a part read whole, all its checksums verified (remembered as such
-        while the file is unchanged). OSError becomes CheckpointingException naming the rank."""
-        try:
-            identity = self._identity(path)
+        while the file is unchanged). See :meth:`_reading` for errors."""
+        with self._reading(path) as identity:
             part = reader(path)
+        self._known[path] = (identity, part.header.meta, True)
+        return part
+
+    @contextlib.contextmanager
+    def _reading(self, path: Path, identity: tuple[int, int, int] | None = None) -> Iterator[tuple[int, int, int]]:
+        """Around reading ``path`` (whose identity it yields): OSError becomes
+        CheckpointingException naming the rank; CorruptCheckpointError marks the file damaged (not
+        advertised again while it is unchanged) and propagates."""
+        try:
+            if identity is None:
+                identity = self._identity(path)
+            yield identity
         except OSError as e:
             raise CheckpointingException(f"rank {self.rank} could not read {path}: {e}") from e
         except CorruptCheckpointError:
             self._known.pop(path, None)
-            self._damaged[path] = identity  # not advertised again while it is unchanged
+            self._damaged[path] = identity
             raise
-        self._known[path] = (identity, part.header.meta, True)
-        return part
 
     def _remove_iteration(self, iteration: int) -> None:
         if not self.local_ckpt_dir.is_dir():

@@ -20,7 +20,7 @@ import os
 import stat
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import xxhash
@@ -308,20 +308,75 @@ def verify_part(path: Path) -> PartHeader:
         os.close(fd)
 
 
-def read_raw_part(path: Path) -> RawPart:
-    """Read a whole part, verifying every checksum, into a fresh aligned host buffer (to send to a
-    peer as is). Raises CorruptCheckpointError (or OSError). Not collective."""
+class RawPartReader:
+    """A part opened to be sent as bytes: its header and prefix are read and checked when it is
+    opened (:func:`open_raw_part`), its data section is read into ``buffer`` (fresh pageable host
+    memory) by :meth:`fill`, in order, piece by piece, so that a sender can send each piece while
+    it reads the next. Every checksum chunk is verified as it completes; ``verified`` once all
+    are. ``close()`` (or a ``with`` block) closes the file. Not thread-safe; not collective."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self._fd = path, fd
+        self.header = read_header(path, fd)
+        self.prefix = _pread_exact(fd, self.header.data_offset, 0, path)
+        self.hollow = check_hollow(self.prefix[self.header.hollow_offset:], self.header, path)
+        self.buffer = device.empty_host(self.header.data_nbytes, pin=False)  # sent or copied out: never to a device
+        self._hasher = _ChunkHasher(self.header, path)
+        self._filled = 0
+
+    @property
+    def verified(self) -> bool:
+        """True once the whole data section was read and every chunk matched its checksum."""
+        return self._filled == self.header.data_nbytes
+
+    def fill(self, start: int, stop: int) -> None:
+        """Read data bytes ``[start, stop)`` into ``buffer``; ``start`` must be where the previous
+        fill stopped (ValueError otherwise). CorruptCheckpointError when the file is short or a
+        completed chunk fails its checksum (the bytes stay in ``buffer``), OSError as it comes."""
+        stop = min(stop, self.header.data_nbytes)
+        if start != self._filled or stop < start:
+            raise ValueError(f"{self.path}: fill({start}, {stop}) after {self._filled} bytes: pieces go in order")
+        view = as_bytes(self.buffer)[start:stop]
+        if view:
+            _preadv_all(self._fd, [view], self.header.data_offset + start, self.path)
+            self._hasher.update([view])
+        self._filled = stop
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "RawPartReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def part(self) -> RawPart:
+        """The part read so far as a RawPart (whole and verified once :attr:`verified`)."""
+        return RawPart(self.header, self.prefix, self.hollow, self.buffer)
+
+
+def open_raw_part(path: Path) -> RawPartReader:
+    """Open a part to read it as bytes (see :class:`RawPartReader`). CorruptCheckpointError when
+    it is not a regular file or its header or hollow bytes are damaged, OSError when it cannot
+    be opened. The caller closes it. Not collective."""
     path = Path(path)
     fd = open_part(path)
     try:
-        header = read_header(path, fd)
-        prefix = _pread_exact(fd, header.data_offset, 0, path)
-        hollow = check_hollow(prefix[header.hollow_offset :], header, path)
-        buffer = device.empty_host(header.data_nbytes, pin=False)  # sent to a peer or copied out: never to a device
-        _read_data(fd, header, path, as_bytes(buffer))
-    finally:
+        return RawPartReader(path, fd)
+    except BaseException:
         os.close(fd)
-    return RawPart(header, prefix, hollow, buffer)
+        raise
+
+
+def read_raw_part(path: Path) -> RawPart:
+    """Read a whole part, verifying every checksum, into a fresh aligned host buffer (to send to a
+    peer as is). Raises CorruptCheckpointError (or OSError). Not collective."""
+    with open_raw_part(path) as reader:
+        reader.fill(0, reader.header.data_nbytes)
+        return reader.part()
 
 
 def read_part(path: Path) -> LoadedPart:

@@ -11,6 +11,7 @@ syncs are counted (:func:`sync_count`) so that tests can prove a path does not w
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import threading
 import weakref
@@ -118,12 +119,51 @@ def _empty_shared(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
 
 
+#: Transparent huge pages are asked for (madvise) for mappings of at least this size.
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def _huge_pages_possible(_mode: list[str] = []) -> bool:  # noqa: B006 - read once per process
+    """Whether the kernel gives transparent huge pages to a mapping that asks (mode "always" or
+    "madvise", read once from sysfs; False where it cannot be read)."""
+    if not _mode:
+        try:
+            with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+                text = f.read()
+            _mode.append(text[text.index("[") + 1 : text.index("]")])
+        except (OSError, ValueError):
+            _mode.append("unknown")
+    return _mode[0] in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE")
+
+
 def _empty_mapped(nbytes: int) -> torch.Tensor:
     """Page-aligned anonymous memory of exactly ``nbytes`` (> 0), faulted in by the kernel in one
-    go (MAP_POPULATE): on VMs, first-touch page faults otherwise cost more than the copy or read
-    that fills it. The tensor's storage holds the mapping, unmapped when the storage is freed."""
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=torch.uint8)
+    go: on VMs, first-touch page faults of 4 KiB pages cost more than the copy or read that fills
+    the memory (256 MiB: 0.17 s of faults against 0.04 s of copying from the page cache, measured
+    on the development VM). From HUGE_PAGE_BYTES up, where the kernel has transparent huge pages,
+    the mapping asks for them (MADV_HUGEPAGE: 512 times fewer faults, taken by whatever fills the
+    memory: 0.06 s to fault in and read the same 256 MiB); otherwise MAP_POPULATE. The tensor's storage holds the mapping,
+    unmapped when the storage is freed (its storage cannot be resized)."""
+    huge = nbytes >= HUGE_PAGE_BYTES and _huge_pages_possible()
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (0 if huge else getattr(mmap, "MAP_POPULATE", 0))
+    mapping = mmap.mmap(-1, nbytes, flags=flags)
+    if huge:  # faulted in 2 MiB at a time by whatever fills it (a read, a copy)
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            logger.debug("madvise(MADV_HUGEPAGE) failed: %d bytes in 4 KiB pages", nbytes)
+    return torch.frombuffer(mapping, dtype=torch.uint8)
+
+
+def host_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous host tensor in a storage of exactly its own bytes, for data
+    about to be read or copied in (a load): from 1 MiB up an exact-size mapping populated in one
+    go, with huge pages where the kernel has them (see :func:`empty_host`), torch's allocator below.
+    Never pinned: loads fill it from files or peers. Not collective."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _POPULATE_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    return _empty_mapped(nbytes).view(dtype).view(shape)
 
 
 def empty_host(nbytes: int, pin: bool | None = None, shared: bool = False) -> torch.Tensor:

@@ -99,6 +99,51 @@ def test_operation_count_does_not_grow_with_tensor_count(ranks):
     assert few == many == [6, 6]  # sizes, prefix, one data chunk: one send and one receive each
 
 
+def lazily_filled(rank, world, fail):
+    """Rank 0 sends its part with a fill that reads it piece by piece; ``fail`` makes the second
+    piece's read fail (damage, or a disk error): its receiver must not hang, and both ranks say
+    which transfer it was."""
+    import time
+    part = outgoing_part(rank, world, n_tensors=6)
+    calls = []
+    if rank == 0:
+        whole = part.buffer.clone()
+        part.buffer.zero_()
+
+        def fill(start, stop):
+            calls.append((start, stop))
+            part.buffer[start:stop] = whole[start:stop]
+            if fail and len(calls) == 2:
+                raise (CorruptCheckpointError("chunk 3 fails its checksum (injected)") if fail == "damaged"
+                       else OSError(5, "Input/output error (injected)"))
+        part = OutgoingPart(part.prefix, part.buffer, fill)
+    t0 = time.monotonic()
+    try:
+        got = exchange_parts([Transfer(0, 0, 1)], {0: part} if rank == 0 else {}, chunk_bytes=1024)
+    except Exception as e:
+        return calls, f"{type(e).__name__}: {e}", getattr(e, "transfers", None), time.monotonic() - t0
+    if rank == 1:
+        assert_same(as_state(got[0]), state_of(0, 6))
+    return calls, None, None, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("fail", [None, "damaged", "oserror"])
+def test_a_part_read_while_it_is_sent(ranks, fail):
+    (calls, err0, tr0, t0), (_, err1, tr1, t1) = ranks(lazily_filled, 2, fail)
+    assert calls[0][0] == 0 and all(a[1] == b[0] for a, b in zip(calls, calls[1:])), "pieces read in order"
+    assert all(stop - start <= 1024 for start, stop in calls), "read piece by piece"
+    assert len(calls) == (2 if fail else 7), "a failed part is not read further (its pieces still go)"
+    assert max(t0, t1) < 5, "nobody waits for a timeout"
+    if fail is None:
+        assert err0 is None and err1 is None
+        return
+    assert tr1 == [Transfer(0, 0, 1)] and "TransferDamaged" in err1, "the receiver names the transfer"
+    if fail == "damaged":
+        assert tr0 == [Transfer(0, 0, 1)] and "TransferDamaged" in err0 and "injected" in err0
+    else:
+        assert err0.startswith("OSError") and "injected" in err0
+
+
 class FailingPool(HostBufferPool):
     def acquire(self, nbytes):
         raise MemoryError(f"cannot allocate {nbytes} bytes (injected)")

@@ -19,7 +19,7 @@ RING2 = {"strategy": "ring", "replication_jump": 1, "replication_factor": 2}
 def count_reads(rank, world, root, strategy):
     from tasd.managers import local_manager
     reads = {"whole": 0, "raw": 0, "header": 0}
-    real = {"whole": local_manager.read_part, "raw": local_manager.read_raw_part,
+    real = {"whole": local_manager.read_part, "raw": local_manager.open_raw_part,
             "header": local_manager.read_header}
 
     def counted(kind):
@@ -28,7 +28,7 @@ def count_reads(rank, world, root, strategy):
             return real[kind](path, *args)
         return call
 
-    local_manager.read_part, local_manager.read_raw_part, local_manager.read_header = (
+    local_manager.read_part, local_manager.open_raw_part, local_manager.read_header = (
         counted("whole"), counted("raw"), counted("header"))
     m = manager(root, strategy)
     latest = m.find_latest()
