@@ -202,3 +202,37 @@ def test_replicated_saves_reuse_receive_buffers(tmp_path):
     for counts in run_ranks(pool_counts, 3, tmp_path, strategy):
         assert counts[0] == counts[1] == counts[2], "no host memory allocated after the first save"
         assert counts[0] == (1, 0, 2, 0), "own part + two received parts (pageable), all released"
+
+
+def write_paths(rank, world, root, strategy, direct_io, is_async):
+    """Which parts were written with O_DIRECT: owner -> direct_io flag as the writers got it."""
+    from tasd.managers import local_manager
+    from tasd.managers.async_ckpt import AsyncCallsQueue
+    got = {}
+    real_encoded = local_manager.write_encoded
+
+    def encoded(path, offset, buffer, prefix, direct_io):
+        got[int(Path(path).name.split("_")[2])] = direct_io
+        return real_encoded(path, offset, buffer, prefix, direct_io=direct_io)
+    local_manager.write_encoded = encoded
+    m = LocalCheckpointManager(root, SESSION, ReplicationConfig(**strategy).build(), direct_io=direct_io)
+    if is_async:
+        queue = AsyncCallsQueue()  # forks: the worker's write_part call is seen through its arguments
+        req = m.save(BasicTensorAwareStateDict(state(rank, 1)), 1, is_async=True)
+        got[rank] = req.async_fn_args[-1]
+        queue.schedule_async_request(req)
+        queue.maybe_finalize_async_calls(blocking=True)
+        queue.close()
+    else:
+        m.save(BasicTensorAwareStateDict(state(rank, 1)), 1)
+    local_manager.write_encoded = real_encoded
+    return got
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_own_part_goes_through_the_page_cache_and_replicas_direct_by_default(ranks, tmp_path, is_async):
+    ring = {"strategy": "ring", "replication_jump": 1, "replication_factor": 2}
+    for direct_io, own, replica in ((None, False, True), (True, True, True), (False, False, False)):
+        root = tmp_path / str(direct_io)
+        out = ranks(write_paths, 2, root, ring, direct_io, is_async)
+        assert out == [{0: own, 1: replica}, {1: own, 0: replica}], f"direct_io={direct_io}"

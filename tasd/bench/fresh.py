@@ -89,9 +89,9 @@ def tasd_strategy_holder(load: Load) -> int:
     return next(r for r in group if r != load.lost)
 
 
-def _tasd(rank: int, load: Load) -> Callable[[], Any]:
+def _tasd(rank: int, load: Load, subdir: str = "tasd") -> Callable[[], Any]:
     def run() -> Any:
-        mgr = LocalCheckpointManager(Path(load.root) / "tasd", SESSION, tasd_strategy(load.point))
+        mgr = LocalCheckpointManager(Path(load.root) / subdir, SESSION, tasd_strategy(load.point))
         if mgr.find_latest() < 0:
             raise RuntimeError(f"rank {rank}: tasd found no checkpoint under {load.root}")
         return mgr.load()[0].state_dict
@@ -132,12 +132,14 @@ LOADS: dict[str, tuple[str, str, Callable[[int, Load], Callable[[], Any]]]] = {
     "read": ("read of the own part's bytes into fresh memory", "limit", _read),
     "read_send": ("holder reads the part, sends it; lost rank receives (fresh memory)", "limit", _read_send),
     "tasd_load": ("tasd fresh manager: find_latest + load", "tasd", _tasd),
+    "tasd_load_direct": ("tasd fresh manager: find_latest + load, parts written with O_DIRECT", "tasd",
+                         lambda rank, load: _tasd(rank, load, "tasd_direct")),
     "torch_load": ("torch.load (weights_only)", "peer", _torch_load),
     "dcp_load": ("torch.distributed.checkpoint.load (into new tensors)", "peer", _dcp_load),
     "nvrx_load": ("NVRx fresh manager: find_latest + load", "peer", _nvrx),
 }
 #: What setup must save for each load (methods of tasd.bench.methods.RankBench).
-SAVED_BY = {"read": "write", "read_send": "write", "tasd_load": "tasd_sync", "torch_load": "torch_save",
+SAVED_BY = {"read": "write", "read_send": "write", "tasd_load": "tasd_sync", "tasd_load_direct": "tasd_sync_direct", "torch_load": "torch_save",
             "dcp_load": "dcp_save", "nvrx_load": "nvrx_sync"}
 
 

@@ -110,9 +110,11 @@ def _lose(root: Path, lost: int) -> None:
 
 
 def load_point(ctx: Context, scenario: str, point: Point, loads: list[str], repeats: int,
-               lost: int | None = None) -> list[Figure]:
+               lost: int | None = None, evict_first: bool = True) -> list[Figure]:
     """Save with what ``loads`` need, then time each load in fresh processes (see the module
-    docstring). ``lost``: remove that rank's directories before every load (recovery)."""
+    docstring). ``lost``: remove that rank's directories before every load (recovery).
+    ``evict_first``: evict the files from the page cache before every load (False: the page cache
+    as the saves left it, a restart right after a save)."""
     saves, why_not = available(list(dict.fromkeys(SAVED_BY[n] for n in loads)), point, ctx.nvrx, ctx.cuda)
     runnable = [n for n in loads if SAVED_BY[n] in saves]
     errors = {n: why_not[SAVED_BY[n]] for n in loads if n not in runnable}
@@ -126,7 +128,8 @@ def load_point(ctx: Context, scenario: str, point: Point, loads: list[str], repe
                 ctx.step(f"{scenario}: {name} in fresh processes, run {i + 1} of {repeats + 1}, {describe(point)}")
                 if lost is not None:
                     _lose(root, lost)
-                evict(root)
+                if evict_first:
+                    evict(root)
                 try:
                     results[name].append(run_ranks(load_rank, point.world, Load(name, point, str(root), lost),
                                                    i == 0, **RUN))

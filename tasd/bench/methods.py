@@ -183,9 +183,12 @@ class RankBench:
         self.iteration += 1
         return self.iteration
 
-    def tasd_manager(self) -> LocalCheckpointManager:
-        return self._once("tasd_manager", lambda: LocalCheckpointManager(
-            self.root / "tasd", SESSION, tasd_strategy(self.point)))
+    def tasd_manager(self, direct_io: bool | None = None) -> LocalCheckpointManager:
+        """tasd's manager for this point, under ``tasd/`` with the default write path, under
+        ``tasd_direct/`` with ``direct_io=True`` (every part written with O_DIRECT)."""
+        subdir = "tasd" if direct_io is None else "tasd_direct"
+        return self._once(subdir, lambda: LocalCheckpointManager(
+            self.root / subdir, SESSION, tasd_strategy(self.point), direct_io=direct_io))
 
     def nvrx_manager(self) -> Any:
         def make() -> Any:
@@ -280,6 +283,15 @@ class RankBench:
             mgr.save(BasicTensorAwareStateDict(self.state), self.next_iteration())
             return mgr.wait_for_cleanup
         return Method("tasd_sync", call)
+
+    def tasd_sync_direct(self) -> Method:
+        """LocalCheckpointManager.save with ``direct_io=True``: every part written with O_DIRECT."""
+        mgr = self.tasd_manager(direct_io=True)
+
+        def call() -> Completion:
+            mgr.save(BasicTensorAwareStateDict(self.state), self.next_iteration())
+            return mgr.wait_for_cleanup
+        return Method("tasd_sync_direct", call)
 
     def tasd_exchange(self) -> Method:
         """A synchronous save's replica exchange, as the manager measures it (``last_save.exchange_s``)."""
@@ -426,6 +438,7 @@ METHODS: dict[str, MethodInfo] = {
     "send_recv": MethodInfo("gloo send/recv to clique peers, preallocated buffers", "limit", ("replication",)),
     "tasd_async": MethodInfo("tasd save(is_async=True) + schedule (stall)", "tasd"),
     "tasd_sync": MethodInfo("tasd save (synchronous)", "tasd"),
+    "tasd_sync_direct": MethodInfo("tasd save (synchronous), every part O_DIRECT (direct_io=True)", "tasd"),
     "tasd_exchange": MethodInfo("tasd replica exchange of a save (SaveStats.exchange_s)", "tasd", ("replication",)),
     "torch_save": MethodInfo("torch.save + fsync", "peer"),
     "dcp_save": MethodInfo("torch.distributed.checkpoint.save", "peer"),

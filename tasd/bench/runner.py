@@ -42,7 +42,7 @@ NOTES = (
     "it ran, steady once it completed; persistent workers are started before, their own memory not "
     "counted); disk: bytes the rank and its workers sent to storage in that call.",
     "Restart and recovery loads run in fresh processes after the files were evicted from the page "
-    "cache (posix_fadvise, best effort: tmpfs keeps its pages).",
+    "cache (posix_fadvise, best effort: tmpfs keeps its pages); restart_warm's without eviction.",
 )
 
 

@@ -128,6 +128,23 @@ def restart(cfg: RestartConfig, ctx: Context) -> ScenarioResult:
 
 
 @dataclass
+class RestartWarmConfig(PointConfig):
+    """A restart right after the save, on the same nodes: fresh processes, the page cache as the
+    save left it (what decides the write path: O_DIRECT writes leave nothing cached)."""
+
+    repeats: int = 3
+    methods: tuple[str, ...] = ("read", "tasd_load", "tasd_load_direct", "torch_load", "nvrx_load")
+
+    @classmethod
+    def quick(cls) -> "RestartWarmConfig":
+        return cls(size_mib=16, repeats=1, methods=("tasd_load", "tasd_load_direct"))
+
+
+def restart_warm(cfg: RestartWarmConfig, ctx: Context) -> ScenarioResult:
+    return _done(load_point(ctx, "restart_warm", cfg.point(), list(cfg.methods), cfg.repeats, evict_first=False))
+
+
+@dataclass
 class RecoveryConfig(PointConfig):
     """A restart after rank ``lost`` lost its node (its directories removed): every rank loads in a
     fresh process, the lost rank's part coming from a replica; at each of ``tensor_counts``."""
@@ -245,6 +262,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("save_stall", SaveStallConfig, save_stall, "training stall of back-to-back async saves"),
     Scenario("sync_save", SyncSaveConfig, sync_save, "synchronous save"),
     Scenario("restart", RestartConfig, restart, "fresh processes load their own parts (a restart)"),
+    Scenario("restart_warm", RestartWarmConfig, restart_warm,
+             "fresh processes load their own parts right after the save (page cache as the save left it)"),
     Scenario("recovery", RecoveryConfig, recovery, "restart after a lost node: its part from a replica"),
     Scenario("exchange", ExchangeConfig, exchange, "replica exchange of a save"),
     Scenario("tensor_sweep", TensorSweepConfig, tensor_sweep, "save stall and save time against tensor count"),

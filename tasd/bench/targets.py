@@ -28,6 +28,7 @@ class Target:
 TARGETS = (
     Target("restart <= NVRx's restart", "restart", "tasd_load", "nvrx_load", 1.0),
     Target("restart <= 1.2x a raw read of the own part into fresh memory", "restart", "tasd_load", "read", 1.2),
+    Target("restart right after a save <= NVRx's", "restart_warm", "tasd_load", "nvrx_load", 1.0),
     Target("recovery of a lost rank <= NVRx's, 32 tensors", "recovery", "tasd_load", "nvrx_load", 1.0),
     Target("recovery of a lost rank far below NVRx's (<= 0.5x), 10,032 tensors", "recovery", "tasd_load",
            "nvrx_load", 0.5, n_tensors=10_032),
