@@ -352,3 +352,31 @@ def test_views_go_when_their_buffer_leaves_the_pool():
     with pytest.raises(ValueError, match="not acquired"):
         pool.views(torch.empty(8, dtype=torch.uint8), plan_layout([torch.zeros(2)]))
 
+
+
+def _vma_flags(ptr: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping that holds address ``ptr``."""
+    fields, inside = {}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= ptr < hi
+            elif inside:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+    return fields
+
+
+def test_load_destinations_have_their_own_exact_storage_in_huge_pages_when_large():
+    small = device.host_tensor((3, 5), torch.float32)
+    assert small.shape == (3, 5) and small.untyped_storage().nbytes() == 60
+    large = device.host_tensor((1024, 1024), torch.float64)  # 8 MiB
+    assert large.shape == (1024, 1024) and large.dtype == torch.float64 and large.is_contiguous()
+    assert large.untyped_storage().nbytes() == 8 << 20, "a storage of exactly its own bytes"
+    large.fill_(1.5)
+    assert float(large.sum()) == 1.5 * (1 << 20)
+    if not device._huge_pages_possible():
+        pytest.skip("this kernel gives no transparent huge pages")
+    assert _vma_flags(large.data_ptr()).get("THPeligible") == "1", "large destinations ask for huge pages"
