@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from tasd.bench.fresh import LOADS, SAVED_BY, Load, load_rank
-from tasd.bench.measure import Figure, evict, figure
+from tasd.bench.measure import Figure, evict, figure, rotated
 from tasd.bench.methods import METHODS, SESSION, Point, available, methods_rank, setup_rank
 from tasd.launch import RankFailure, run_ranks
 
@@ -110,11 +110,12 @@ def _lose(root: Path, lost: int) -> None:
 
 
 def load_point(ctx: Context, scenario: str, point: Point, loads: list[str], repeats: int,
-               lost: int | None = None, evict_first: bool = True) -> list[Figure]:
+               lost: int | None = None, right_after_save: bool = False) -> list[Figure]:
     """Save with what ``loads`` need, then time each load in fresh processes (see the module
-    docstring). ``lost``: remove that rank's directories before every load (recovery).
-    ``evict_first``: evict the files from the page cache before every load (False: the page cache
-    as the saves left it, a restart right after a save)."""
+    docstring), the loads of each repeat in a rotated order. ``lost``: remove that rank's
+    directories before every load (recovery). ``right_after_save``: save anew before every load
+    and leave the page cache as the save left it (a restart right after a save); otherwise the
+    files are evicted from the page cache before every load."""
     saves, why_not = available(list(dict.fromkeys(SAVED_BY[n] for n in loads)), point, ctx.nvrx, ctx.cuda)
     runnable = [n for n in loads if SAVED_BY[n] in saves]
     errors = {n: why_not[SAVED_BY[n]] for n in loads if n not in runnable}
@@ -124,11 +125,13 @@ def load_point(ctx: Context, scenario: str, point: Point, loads: list[str], repe
         run_ranks(setup_rank, point.world, point, str(root), saves, **RUN)
         results: dict[str, list[list[dict]]] = {n: [] for n in runnable}
         for i in range(repeats + 1):
-            for name in list(results):
+            for name in rotated(list(results), i):
                 ctx.step(f"{scenario}: {name} in fresh processes, run {i + 1} of {repeats + 1}, {describe(point)}")
+                if right_after_save:
+                    run_ranks(setup_rank, point.world, point, str(root), [SAVED_BY[name]], i + 2, **RUN)
                 if lost is not None:
                     _lose(root, lost)
-                if evict_first:
+                if not right_after_save:
                     evict(root)
                 try:
                     results[name].append(run_ranks(load_rank, point.world, Load(name, point, str(root), lost),

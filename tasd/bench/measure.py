@@ -135,6 +135,14 @@ def _probed(method: Method, probe: Probe) -> dict[str, int]:
             "disk_write_bytes": max(0, probe.write_bytes() - written)}
 
 
+def rotated(items: list, i: int) -> list:
+    """``items`` starting at index ``i`` (mod len) and wrapping around: repeat ``i`` of an
+    interleaved measurement runs the methods in this order, so that no method always follows the
+    same one (a write leaves the disk busy for whatever reads next)."""
+    k = i % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
 def run_methods(methods: list[Method], repeats: int, between: Completion | None = None) -> dict[str, dict]:
     """Warm up and time ``methods`` on this rank, interleaved (see the module docstring).
     Collective: every rank calls it with the same methods and ``repeats``. ``between`` runs
@@ -146,8 +154,8 @@ def run_methods(methods: list[Method], repeats: int, between: Completion | None 
         out[m.name] = {"times_s": [], **_probed(m, probe)}
         if between:
             between()
-    for _ in range(repeats):
-        for m in methods:
+    for i in range(repeats):
+        for m in rotated(methods, i):
             dist.barrier()
             t0 = time.perf_counter()
             done = m.call()

@@ -484,11 +484,13 @@ def methods_rank(rank: int, world: int, points: list[Point], root: str, names: l
     return out
 
 
-def setup_rank(rank: int, world: int, point: Point, root: str, names: list[str]) -> None:
-    """Rank function for run_ranks: save once with each method in ``names`` (for restart and
-    recovery runs, which load what this leaves under ``root``)."""
+def setup_rank(rank: int, world: int, point: Point, root: str, names: list[str], iteration: int = 1) -> None:
+    """Rank function for run_ranks: save ``iteration`` once with each method in ``names`` (for
+    restart and recovery runs, which load what this leaves under ``root``; a later call saves a
+    later iteration, replacing the earlier one)."""
     workers = Workers()
     bench = RankBench(rank, world, point, Path(root), workers)
+    bench.iteration = iteration - 1
     try:
         for name in names:
             dist.barrier()

@@ -129,8 +129,9 @@ def restart(cfg: RestartConfig, ctx: Context) -> ScenarioResult:
 
 @dataclass
 class RestartWarmConfig(PointConfig):
-    """A restart right after the save, on the same nodes: fresh processes, the page cache as the
-    save left it (what decides the write path: O_DIRECT writes leave nothing cached)."""
+    """A restart right after the save, on the same nodes: each load in fresh processes right after
+    a new save by the same method, the page cache as that save left it (what decides the write
+    path: O_DIRECT writes leave nothing cached)."""
 
     repeats: int = 3
     methods: tuple[str, ...] = ("read", "tasd_load", "tasd_load_direct", "torch_load", "nvrx_load")
@@ -141,7 +142,7 @@ class RestartWarmConfig(PointConfig):
 
 
 def restart_warm(cfg: RestartWarmConfig, ctx: Context) -> ScenarioResult:
-    return _done(load_point(ctx, "restart_warm", cfg.point(), list(cfg.methods), cfg.repeats, evict_first=False))
+    return _done(load_point(ctx, "restart_warm", cfg.point(), list(cfg.methods), cfg.repeats, right_after_save=True))
 
 
 @dataclass
