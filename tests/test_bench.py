@@ -48,7 +48,9 @@ def test_quick_save_stall_writes_json_ratios_targets_and_a_plot(tmp_path):
     tasd = by["tasd_async"]
     assert tasd["ratios"]["copy"] == pytest.approx(tasd["median_s"] / by["copy"]["median_s"])
     assert tasd["ratios"]["dcp_async"] == pytest.approx(tasd["median_s"] / by["dcp_async"]["median_s"])
-    assert tasd["disk_write_bytes"] >= 2 * tasd["nbytes"], "own part and the peer's replica reach the disk"
+    # the own part and the peer's replica reach the disk (the own part through the page cache, whose
+    # last partial page the kernel may account to writeback rather than to the writer)
+    assert tasd["disk_write_bytes"] >= 2 * tasd["nbytes"] - 4096
     assert by["d2h_pinned"]["error"] == "no CUDA device" or by["d2h_pinned"]["times_s"]
     if nvrx_shim.nvrx_version() is None:
         assert by["nvrx_async"]["error"] == "nvidia-resiliency-ext not installed"
