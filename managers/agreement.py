@@ -17,10 +17,11 @@ logger = logging.getLogger(__name__)
 
 
 def agree(error: BaseException | None, iteration: int, what: str, group: Any,
-          extra: int = 0) -> tuple[BaseException | None, dict[int, str], int]:
+          extra: int = 0) -> tuple[BaseException | None, collectives.Failures, int]:
     """One all_reduce: did any rank fail, did all ranks pass the same ``iteration``, and the maximum
     of every rank's ``extra`` (an int64). Returns (the local error, where a mismatch becomes one on
-    every rank; rank -> message of every failed rank, empty when none failed; the agreed maximum).
+    every rank; the failed ranks and the first few messages (:class:`collectives.Failures`), empty
+    when none failed; the agreed maximum).
 
     A local :class:`PeerUnreachableError` is raised at once without a collective: the peer that
     failed this rank would make the agreement wait for it again (the other ranks fail in their own
@@ -36,14 +37,14 @@ def agree(error: BaseException | None, iteration: int, what: str, group: Any,
         if error is None and hi != -neg_lo:
             error = CheckpointingException(f"ranks passed different iterations ({-neg_lo} to {hi}); "
                                            f"rank {rank} passed {iteration}")
-        failures = collectives.gather_failures(error, group) if flag or hi != -neg_lo else {}
+        failures = collectives.gather_failures(error, group) if flag or hi != -neg_lo else collectives.Failures()
     except Exception as e:
         raise PeerUnreachableError(f"{what}: rank {rank} could not reach the other ranks "
                                    f"(a peer died or timed out): {e}") from e
     return error, failures, agreed
 
 
-def raise_agreed(failures: dict[int, str], rank: int, local: BaseException | None, what: str) -> None:
+def raise_agreed(failures: collectives.Failures, rank: int, local: BaseException | None, what: str) -> None:
     """Raise on every rank once ``failures`` (from :func:`agree`) is non-empty: the failing rank
     its own error (TypeError/ValueError/CheckpointingException as they are, anything else wrapped
     in a CheckpointingException), the others a CheckpointingException naming the failed ranks."""
@@ -53,8 +54,7 @@ def raise_agreed(failures: dict[int, str], rank: int, local: BaseException | Non
         if isinstance(local, (TypeError, ValueError, CheckpointingException)):
             raise local
         raise CheckpointingException(f"{what} failed on rank {rank}: {type(local).__name__}: {local}") from local
-    details = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
-    raise CheckpointingException(f"{what} failed on rank(s) {sorted(failures)}: {details}")
+    raise CheckpointingException(f"{what} failed on {failures.describe()}")
 
 
 def agree_or_raise(error: BaseException | None, iteration: int, what: str, group: Any, extra: int = 0) -> int:

@@ -29,7 +29,8 @@ from tasd.managers.config import ReplicationMismatchError
 from tasd.managers.errors import CheckpointingException, CorruptCheckpointError, PeerUnreachableError
 from tasd.managers.exchange import ExchangeAborted, OutgoingPart, TransferDamaged, exchange_parts
 from tasd.managers.fileformat import LoadedPart, PartMeta
-from tasd.managers.recovery import Advertised, Latest, choose_latest, encode_adverts, plan_recovery
+from tasd.managers import recovery
+from tasd.managers.recovery import Holding
 from tasd.managers.replication import NoReplicasAvailableError, ReplicationStrategy
 from tasd.managers.save_job import SaveJob, SaveStats
 from tasd.serialization import dumps
@@ -98,9 +99,9 @@ class BaseCheckpointManager(ABC):
         self._replicator: ThreadPoolExecutor | None = None  # runs async exchanges, one at a time
         self._newest_saved = -1  # newest iteration this manager published
         self.latest_iteration: int | None = None  # newest iteration every rank can load, once known
-        self._latest: Latest | None = None  # what find_latest found (None: search again before a load)
-        self._adverts: list[list] = []  # every rank's rows from the last find_latest (recovery.encode_adverts)
-        self._excluded: list[tuple] = []  # parts found damaged since then (recovery.BadPart)
+        self._latest: recovery.Chosen | None = None  # what find_latest found (None: search again before a load)
+        self._held: dict[recovery.SaveKey, Holding] = {}  # what this rank held at the last find_latest
+        self._excluded: set[tuple] = set()  # parts found damaged since: (iteration, save id, holder, owner)
         self.last_save = SaveStats()
 
     # -- storage, implemented by subclasses (local operations, never collective) ---------------
@@ -131,9 +132,9 @@ class BaseCheckpointManager(ABC):
         abandoned run). Raises CheckpointingException (or OSError) on failure."""
 
     @abstractmethod
-    def _advertised_parts(self) -> dict[tuple[int, str], Advertised]:
-        """(iteration, save id) -> verified parts this rank holds of this session (and job, for the
-        default session) for the current world size."""
+    def _advertised_parts(self) -> dict[tuple[int, str], Holding]:
+        """(iteration, save id) -> the parts this rank holds of this session (and job, for the
+        default session) for the current world size: owner -> whether its data was verified."""
 
     @abstractmethod
     def _read_part(self, iteration: int, owner: int, save_id: str) -> LoadedPart:
@@ -313,39 +314,52 @@ class BaseCheckpointManager(ABC):
         part is held by at least one rank. A restart reads only this rank's newest own part whole
         (verifying it; load uses what was read) and the headers of the others: a replica, or an
         older own part, is verified when a load needs and reads it (a damaged one is then never
-        used, see load). Collective: two all_gathers of small JSON, whatever the number of files.
+        used, see load). Collective: a fixed number of small all_reduces whatever the number of
+        files or ranks (:mod:`tasd.managers.recovery`: about W/4 bytes per rank, 8 more per lost
+        rank).
         Parts that fail these checks, or belong to another session (or, with the default session,
         another job), are skipped. Raises ReplicationMismatchError on every
         rank when that iteration was saved with other replication settings. Finalizes pending async
         saves first (see save)."""
         self._settle(keep=0)
         self.wait_for_cleanup()
-        group = self._groups_ready()
         error: BaseException | None = None
-        parts: dict[tuple[int, str], Advertised] = {}
+        held: dict[tuple[int, str], Holding] = {}
         try:
-            parts = self._advertised_parts()
+            held = self._advertised_parts()
         except Exception as e:
             error = e
-        mine = {"error": None if error is None else f"{type(error).__name__}: {error}"[:collectives.MAX_FAILURE_TEXT],
-                "parts": encode_adverts(parts)}
-        try:
-            gathered = collectives.all_gather_json(mine, group)
-        except Exception as e:
-            raise PeerUnreachableError(f"find_latest: rank {self.rank} could not reach the other ranks "
-                                       f"(a peer died or timed out): {e}") from e
-        failures = {r: g["error"] for r, g in enumerate(gathered) if g["error"]}
-        raise_agreed(failures, self.rank, error, "find_latest")
-        self._adverts, self._excluded = [g["parts"] for g in gathered], []
-        latest = choose_latest(self._adverts, self.world_size)
-        if latest.unrecoverable:
-            logger.warning("rank %d: iteration %d cannot be restored: no rank holds the part of rank(s) %s",
-                           self.rank, *latest.unrecoverable)
-        if latest.iteration >= 0 and latest.replication != self.replication:
-            raise ReplicationMismatchError(latest.iteration, latest.replication, self.replication)
-        self.latest_iteration, self._latest = latest.iteration, latest
-        logger.info("rank %d: latest complete iteration is %d", self.rank, latest.iteration)
-        return latest.iteration
+        self._agree_or_raise(error, 0, "find_latest")
+        self._held = {(it, int(sid, 16)): h for (it, sid), h in held.items()}
+        self._excluded = set()
+        return self._choose()
+
+    def _choose(self) -> int:
+        """Plan the load (collective, :func:`recovery.choose`) from what this rank holds, less the
+        parts found damaged since find_latest; returns the chosen iteration (-1: none)."""
+        mine = {}
+        for key, holding in self._held.items():
+            owners = {o: v for o, v in holding.owners.items() if (*key, self.rank, o) not in self._excluded}
+            if owners:
+                mine[key] = Holding(owners, holding.replication)
+        group = self._groups_ready()
+
+        def reduce(values, op):
+            try:
+                return collectives.all_reduce(values, op, group)
+            except Exception as e:
+                raise PeerUnreachableError(f"find_latest: rank {self.rank} could not reach the other ranks "
+                                           f"(a peer died or timed out): {e}") from e
+        chosen = recovery.choose(mine, self.rank, self.world_size, self.replication, reduce)
+        if chosen.unrecoverable:
+            it, owners = chosen.unrecoverable
+            logger.warning("rank %d: iteration %d cannot be restored: no rank holds the part of %d rank(s) %s", self.rank,
+                           it, len(owners), owners[:16])
+        if chosen.iteration >= 0 and chosen.mismatch:
+            raise ReplicationMismatchError(chosen.iteration, chosen.replication, self.replication)
+        self.latest_iteration, self._latest = chosen.iteration, chosen
+        logger.info("rank %d: latest complete iteration is %d", self.rank, chosen.iteration)
+        return chosen.iteration
 
     # -- load ----------------------------------------------------------------------------------
     def load(self) -> tuple[TensorAwareStateDict, CkptID]:
@@ -382,18 +396,18 @@ class BaseCheckpointManager(ABC):
             if not new:  # cannot happen: a damaged part is excluded from every later plan
                 raise CheckpointingException(f"load of iteration {latest.iteration}: damaged parts reported twice")
             damaged.update(new)
-            self._excluded.extend(new)
-            self._latest = choose_latest(self._adverts, self.world_size, self._excluded)
-            self.latest_iteration = self._latest.iteration
+            self._excluded.update(new)
+            self._choose()
             logger.warning("rank %d: load of iteration %d found damaged part(s) %s; planning again (iteration %d)",
                            self.rank, latest.iteration, sorted(new), self._latest.iteration)
 
-    def _load_once(self, latest: Latest) -> tuple[TensorAwareStateDict, CkptID] | dict[tuple, str]:
+    def _load_once(self, latest: recovery.Chosen) -> tuple[TensorAwareStateDict, CkptID] | dict[tuple, str]:
         """One attempt at loading ``latest`` (collective): the loaded state and ckpt_id, or the
-        damaged parts (BadPart -> why) that some rank found, agreed by every rank."""
-        iteration, save_id = latest.iteration, latest.save_id
+        damaged parts ((iteration, save id, holder, owner) -> why) that some rank found, agreed by
+        every rank."""
+        iteration, save_id = latest.iteration, identity.save_id(latest.save_id)
         what = f"load of iteration {iteration}"
-        needs, plan = plan_recovery(latest, self.world_size)
+        needs, plan = set(latest.needs), latest.plan
         error: BaseException | None = None
         damaged: list[list] = []  # [iteration, save_id, holder, owner] this rank found damaged
         sd, outgoing, closers, aborted = None, {}, [], False
@@ -438,10 +452,21 @@ class BaseCheckpointManager(ABC):
                                       extra=2 if real is not None else 1 if damaged else 0)
         if worst == 2:
             raise_agreed(failures, self.rank, real, what)
-        if worst == 1:
-            why = f"{type(error).__name__}: {error}"[:collectives.MAX_FAILURE_TEXT] if damaged else ""
-            rows = collectives.all_gather_json({"damaged": damaged, "why": why}, self._groups_ready())
-            return {tuple(d): row["why"] for row in rows for d in row["damaged"]}
+        if worst == 1:  # which owners' parts were found damaged (a bitmap) and why (a few ranks' words)
+            group = self._groups_ready()
+            try:
+                owners = collectives.bitmap_ranks(collectives.all_reduce(
+                    collectives.rank_bitmap([d[3] for d in damaged], self.world_size), "bor", group), self.world_size)
+                why = collectives.gather_failures(error if damaged else None, group)
+            except Exception as e:
+                raise PeerUnreachableError(f"{what}: rank {self.rank} could not reach the other ranks: {e}") from e
+            source = {t.owner: t.src for t in plan}  # a part not planned to move was read by its owner
+            found = {}
+            for o in owners:
+                holder = source.get(o, o)
+                text = why.get(holder, why.get(o, collectives.NOT_GATHERED))
+                found[(iteration, latest.save_id, holder, o)] = text
+            return found
         if plan:
             logger.info("rank %d: iteration %d restored with %d part(s) fetched from peers: %s",
                         self.rank, iteration, len(plan), [(t.owner, t.src) for t in plan])

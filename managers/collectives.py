@@ -8,9 +8,9 @@ collective fail after the process group's timeout; that error propagates as it c
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -81,45 +81,72 @@ def cpu_group(group: Any = None) -> Any:
     return found
 
 
+_OPS = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "bor": dist.ReduceOp.BOR}
+
+
+def all_reduce(values: torch.Tensor, op: str, group: Any = None) -> torch.Tensor:
+    """``values`` (a 1-D integer tensor) reduced element-wise over the group with ``op`` ("max",
+    "min" or "bor": bitwise or), one all_reduce; returned as a new CPU tensor."""
+    t = values.to(comm_device(group), copy=True)
+    if is_distributed():
+        dist.all_reduce(t, op=_OPS[op], group=group)
+    return t.cpu()
+
+
 def all_reduce_max(values: list[int], group: Any = None) -> list[int]:
     """Element-wise maximum of ``values`` over the group (one all_reduce)."""
-    if not is_distributed():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.int64, device=comm_device(group))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.tolist()
+    return all_reduce(torch.tensor(values, dtype=torch.int64), "max", group).tolist()
 
 
-def all_gather_bytes(data: bytes, group: Any = None) -> list[bytes]:
-    """Every rank's ``data``, in group rank order: two all_gathers (sizes, then padded bytes)."""
-    if not is_distributed():
-        return [bytes(data)]
-    dev = comm_device(group)
-    world = dist.get_world_size(group)
-    size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
-    sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    lengths = [int(s.item()) for s in sizes]
-    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=dev)
-    if data:
-        padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded, group=group)
-    return [o[:n].cpu().numpy().tobytes() for o, n in zip(out, lengths)]
+def rank_bitmap(ranks: Any, world: int) -> torch.Tensor:
+    """A W-bit bitmap (``ceil(W / 64)`` int64 words) with the bits of ``ranks`` set."""
+    bits = np.zeros((world + 63) // 64 * 64, dtype=np.uint8)
+    bits[list(ranks)] = 1
+    return torch.from_numpy(np.packbits(bits, bitorder="little").view(np.int64))
 
 
-def all_gather_json(obj: Any, group: Any = None) -> list[Any]:
-    """:func:`all_gather_bytes` of ``obj`` as JSON (safe to decode from any peer)."""
-    return [json.loads(b) for b in all_gather_bytes(json.dumps(obj).encode(), group)]
+def bitmap_ranks(words: torch.Tensor, world: int) -> list[int]:
+    """The ranks whose bit is set in ``words`` (from :func:`rank_bitmap`), ascending."""
+    bits = np.unpackbits(words.numpy().view(np.uint8), bitorder="little")[:world]
+    return np.flatnonzero(bits).tolist()
 
 
-def gather_failures(error: BaseException | None, group: Any = None) -> dict[int, str]:
-    """Agree on whether any rank failed: one all_reduce when none did; when some did, also their
-    messages (rank -> message, each cut to MAX_FAILURE_TEXT characters). Every rank gets the
-    same answer."""
+#: How many failed ranks' messages :func:`gather_failures` carries (the others are named only).
+MAX_FAILURE_REPORTS = 4
+#: What :class:`Failures` says for a failed rank whose message was not gathered.
+NOT_GATHERED = "(message not gathered)"
+
+
+class Failures(dict):
+    """rank -> message of every failed rank (:data:`NOT_GATHERED` beyond the first
+    MAX_FAILURE_REPORTS), with a short description for error messages."""
+
+    def describe(self, shown: int = MAX_FAILURE_REPORTS) -> str:
+        """"rank(s) [1, 5] (2 in all): rank 1: ...; rank 5: ..." with at most ``shown`` ranks
+        listed and quoted."""
+        ranks = sorted(self)
+        listed = ", ".join(map(str, ranks[:shown])) + (", ..." if len(ranks) > shown else "")
+        quoted = "; ".join(f"rank {r}: {self[r]}" for r in ranks[:shown] if self[r] != NOT_GATHERED)
+        return f"rank(s) [{listed}] ({len(ranks)} in all): {quoted}"
+
+
+def gather_failures(error: BaseException | None, group: Any = None) -> Failures:
+    """Agree on whether any rank failed: one all_reduce when none did; when some did, which ones
+    (a W-bit bitmap, one BOR all_reduce) and the messages of the lowest MAX_FAILURE_REPORTS of them
+    (each cut to MAX_FAILURE_TEXT bytes of UTF-8, one MAX all_reduce of as many slots), so that the
+    cost does not grow with the number of failed ranks or the length of their messages. Every rank
+    gets the same answer."""
     if all_reduce_max([1 if error is not None else 0], group)[0] == 0:
-        return {}
-    rank = rank_and_size(group)[0]
-    text = None if error is None else f"{type(error).__name__}: {error}"[:MAX_FAILURE_TEXT]
-    mine = {"rank": rank, "error": text}
-    return {m["rank"]: m["error"] for m in all_gather_json(mine, group) if m["error"] is not None}
+        return Failures()
+    rank, world = rank_and_size(group)
+    failed = bitmap_ranks(all_reduce(rank_bitmap([rank] if error is not None else [], world), "bor", group), world)
+    quoted = failed[:MAX_FAILURE_REPORTS]
+    slots = torch.zeros((len(quoted), MAX_FAILURE_TEXT), dtype=torch.uint8)
+    if rank in quoted:
+        text = f"{type(error).__name__}: {error}".encode("utf-8", "replace")[:MAX_FAILURE_TEXT]
+        slots[quoted.index(rank), :len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    slots = all_reduce(slots.view(-1), "max", group).view(len(quoted), MAX_FAILURE_TEXT)
+    out = Failures({r: NOT_GATHERED for r in failed})
+    for r, row in zip(quoted, slots.numpy()):
+        out[r] = bytes(row).rstrip(b"\0").decode("utf-8", "replace")
+    return out

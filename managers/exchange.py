@@ -160,9 +160,8 @@ def exchange_parts(plan: Sequence[Transfer], outgoing: Mapping[int, OutgoingPart
         if failures:
             if failure is not None:
                 raise failure
-            details = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
-            raise ExchangeAborted(f"replica exchange called off on rank {rank} before any data moved: rank(s) "
-                                  f"{sorted(failures)} failed to prepare or allocate: {details}")
+            raise ExchangeAborted(f"replica exchange called off on rank {rank} before any data moved, failed to "
+                                  f"prepare or allocate on {failures.describe()}")
         return _move(rank, sends, recvs, outgoing, buffers, shape, group, chunk_bytes)
     except BaseException:
         if pool is not None:
@@ -250,24 +249,3 @@ def _raise_send_errors(rank: int, errors: dict[Transfer, BaseException]) -> None
     if errors:
         raise TransferDamaged(sorted(errors), f"rank {rank} found part(s) it sent damaged: "
                                               + "; ".join(str(e) for e in errors.values()))
-
-
-def plan_retrieval(needs: Mapping[int, Sequence[int]], holders: Mapping[int, Sequence[int]],
-                   verified: Mapping[int, Any] | None = None) -> list[Transfer]:
-    """Who sends which missing part to whom. ``needs``: rank -> owners whose parts it lacks;
-    ``holders``: owner -> ranks holding a copy; ``verified`` (optional): owner -> ranks whose copy
-    is known good, preferred. Senders are spread: each transfer goes to a preferred holder with the
-    fewest sends so far (ties: lowest rank), so no rank serves many. The same inputs give the same
-    plan on every rank. Owners nobody holds are left out (the caller reports them)."""
-    load: dict[int, int] = {}
-    plan = []
-    for dst in sorted(needs):
-        for owner in sorted(needs[dst]):
-            candidates = [h for h in holders.get(owner, ()) if h != dst]
-            if not candidates:
-                continue
-            good = (verified or {}).get(owner, ())
-            src = min(candidates, key=lambda h: (h not in good, load.get(h, 0), h))
-            load[src] = load.get(src, 0) + 1
-            plan.append(Transfer(owner, src, dst))
-    return plan

@@ -22,7 +22,7 @@ from tasd.managers.exchange import OutgoingPart
 from tasd.managers.fileformat import LoadedPart, PartMeta
 from tasd.managers.partio import fsync_path, open_raw_part, read_header, read_part, write_encoded, write_part
 from tasd.managers.partnames import DIRTY_SUFFIX, parse_part_name, part_name
-from tasd.managers.recovery import Advertised
+from tasd.managers.recovery import Holding
 from tasd.staging import HostBufferPool, Staged
 
 logger = logging.getLogger(__name__)
@@ -204,11 +204,11 @@ class LocalCheckpointManager(BaseCheckpointManager):
                     "load checkpoints of another job)")
         return None
 
-    def _advertised_parts(self) -> dict[tuple[int, str], Advertised]:
+    def _advertised_parts(self) -> dict[tuple[int, str], Holding]:
         """Reads the newest part of this rank's own whole (verifying it; load then uses what was
         read) and only the headers of the others: a replica, or an older own part, is verified
         when a load reads it."""
-        out: dict[tuple[int, str], Advertised] = {}
+        out: dict[tuple[int, str], Holding] = {}
         self._prefetched = None
         for (iteration, owner), path in sorted(self._scan().items(), reverse=True):
             known = self._known_part(path)
@@ -236,8 +236,7 @@ class LocalCheckpointManager(BaseCheckpointManager):
                 known = (header.meta, checked)
                 self._known[path] = (identity, *known)
             meta, checked = known
-            advert = out.setdefault((iteration, meta.save_id), Advertised([], meta.replication))
-            (advert.owners if checked else advert.unverified).append(owner)
+            out.setdefault((iteration, meta.save_id), Holding({}, meta.replication)).owners[owner] = checked
         return out
 
     def find_latest(self) -> int:

@@ -1,93 +1,151 @@
-"""Which checkpoint a restart loads and where lost parts come from: pure planning, no I/O, no
-collectives. The managers gather what every rank holds (:class:`Advertised`), and every rank runs
-the same functions on the same input, so every rank reaches the same decision.
+"""Which checkpoint a restart loads, and who sends each lost part, with a fixed number of
+fixed-size collectives whatever the world size W.
 
-A checkpoint is one save: the parts of one ``(iteration, save_id)``. It is loadable when every
-owner rank's part of that save is held by at least one rank; parts of different saves of the same
-iteration (two runs that both saved it) never combine. A part is held *verified* (its checksums
-were checked by this process, or it wrote it) or *unverified* (its header checked, its data not
-yet: a replica, or an older part of the rank's own). A load reads a part only where it needs it,
-and reading verifies it; a part found damaged then is *excluded* and the plan is made again without
-it (another holder, or an older save).
+Every rank holds parts of some saves (a save is ``(iteration, save id)``; a part is one owner
+rank's state of one save), some verified (read whole or written by this process), some not (only
+their header checked). The protocol, in rounds (every rank runs the same rounds, since each
+decision depends only on reduced values):
+
+1. **candidate**: the newest save any rank holds below the previous candidate: one MAX all_reduce
+   of the iteration, one of the save id among the holders of that iteration (one int64 each);
+2. **census**: one BOR all_reduce of two W-bit bitmaps (``ceil(W / 64)`` int64 words each) and a
+   flag word: owners whose part of the candidate some rank holds, owners that hold their own
+   part, and whether any rank holds a part saved with other replication settings. The candidate is
+   chosen when the first bitmap is full; otherwise the first incomplete candidate is reported as
+   unrecoverable (its missing owners) and the next round looks below it. A rank holds parts of a
+   few saves at most (older ones are removed after each save), so rounds are few.
+3. **holders**: for the owners that lack their own part (known to every rank from the census),
+   one MIN all_reduce of one int64 per such owner naming its sender: holders of a verified copy
+   first, then the holder nearest after the owner in rank order (ring and clique placements then
+   spread the senders over distinct ranks).
+
+Bytes per rank: 16 + W/4 + 8 per lost owner; Python work per rank: one pass over the census
+bitmaps with numpy, and its own parts. Collectives go through a ``reduce(values, op)`` function
+(``op`` in "max", "min", "bor"; ``values`` a 1-D int64 tensor, returned reduced over every rank),
+so that :mod:`tasd.bench.scale` can run the same code against a simulated world of a million ranks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Callable, Mapping
 
-from tasd.managers.exchange import Transfer, plan_retrieval
+import numpy as np
+import torch
 
-SaveKey = tuple  # (iteration, save_id)
+from tasd.managers.exchange import Transfer
+
+#: ``reduce(values, op)``: ``values`` (1-D int64) reduced over every rank with ``op``.
+Reduce = Callable[[torch.Tensor, str], torch.Tensor]
+SaveKey = tuple  # (iteration, save id as an int < 2**62)
+
+NONE = -1
+_NO_HOLDER = 2**63 - 1
+_UNVERIFIED = 1 << 40  # added to a holder's MIN key: verified copies win
+_FLAG_MISMATCH = 1  # bit of the census's flag word
 
 
 @dataclass
-class Advertised:
-    """What one rank holds of one save: owner ranks of its verified and of its unverified parts,
-    and the replication settings recorded in them."""
+class Holding:
+    """What this rank holds of one save: owner -> verified, and the replication settings the
+    parts record."""
 
-    owners: list[int]
+    owners: dict[int, bool]
     replication: dict | None
-    unverified: list[int] = field(default_factory=list)
-
-
-def encode_adverts(parts: dict[SaveKey, Advertised]) -> list[list[Any]]:
-    """``parts`` as JSON-able rows ``[iteration, save_id, verified owners, unverified owners,
-    replication]``."""
-    return [[it, sid, a.owners, a.unverified, a.replication] for (it, sid), a in sorted(parts.items())]
-
-
-#: A part known to be damaged: (iteration, save_id, holder rank, owner rank).
-BadPart = tuple
 
 
 @dataclass
-class Latest:
-    """The newest loadable checkpoint (``iteration`` -1 when there is none): ``holders[owner]`` are
-    the ranks holding that owner's part of it; ``unrecoverable`` is the newest newer save that
-    cannot be loaded, as (iteration, owners whose part nobody holds), or None."""
+class Chosen:
+    """The outcome: the newest loadable save (``iteration`` -1 when none), the owners that lack
+    their own part of it and the transfers that bring them one, the newest newer save that cannot
+    be loaded (iteration and the owners nobody holds), and whether some rank holds a part of the
+    chosen save recorded with other replication settings than its own (``mismatch``)."""
 
-    iteration: int = -1
-    save_id: str | None = None
-    replication: dict | None = None
-    holders: dict[int, list[int]] = field(default_factory=dict)
+    iteration: int = NONE
+    save_id: int = NONE
+    needs: list[int] = field(default_factory=list)
+    plan: list[Transfer] = field(default_factory=list)
     unrecoverable: tuple[int, list[int]] | None = None
-    verified: dict[int, set[int]] = field(default_factory=dict)  # owner -> ranks holding it verified
+    mismatch: bool = False
+    replication: dict | None = field(default=None, compare=False)  # as this rank's parts record them (None: holds none)
 
 
-def choose_latest(adverts_by_rank: Iterable[list[list[Any]]], world_size: int,
-                  excluded: Iterable[BadPart] = ()) -> Latest:
-    """The newest complete save from every rank's rows (:func:`encode_adverts`, in rank order),
-    leaving out the ``excluded`` parts. Ties between complete saves of one iteration go to the
-    larger save id (the same on every rank)."""
-    bad = {(int(it), str(sid), int(h), int(o)) for it, sid, h, o in excluded}
-    holders: dict[SaveKey, dict[int, list[int]]] = {}
-    verified: dict[SaveKey, dict[int, set[int]]] = {}
-    settings: dict[SaveKey, Any] = {}
-    for rank, rows in enumerate(adverts_by_rank):
-        for it, sid, owners, unverified, repl in rows:
-            key = (int(it), str(sid))
-            for owner, checked in [(o, True) for o in owners] + [(o, False) for o in unverified]:
-                if (key[0], key[1], rank, int(owner)) in bad:
-                    continue
-                holders.setdefault(key, {}).setdefault(int(owner), []).append(rank)
-                if checked:
-                    verified.setdefault(key, {}).setdefault(int(owner), set()).add(rank)
-            settings.setdefault(key, repl)
-    everyone = set(range(world_size))
-    complete = [key for key, by_owner in holders.items() if set(by_owner) >= everyone]
-    best = max(complete, default=None)
-    latest = (Latest() if best is None else
-              Latest(best[0], best[1], settings[best], holders[best], verified=verified.get(best, {})))
-    newer = [key for key in holders if key[0] > latest.iteration]
-    if newer:
-        worst = max(newer, key=lambda k: (k[0], len(holders[k]), k[1]))
-        latest.unrecoverable = (worst[0], sorted(everyone - set(holders[worst])))
-    return latest
+def _words(world: int) -> int:
+    return (world + 63) // 64
 
 
-def plan_recovery(latest: Latest, world_size: int) -> tuple[set[int], list[Transfer]]:
-    """(ranks that lack their own part of ``latest``, who sends which part to whom: holders of a
-    verified copy first)."""
-    needs = {r: [r] for r in range(world_size) if r not in latest.holders.get(r, ())}
-    return set(needs), plan_retrieval(needs, latest.holders, latest.verified)
+def _bitmap(owners, world: int) -> np.ndarray:
+    bits = np.zeros(_words(world) * 64, dtype=np.uint8)
+    bits[list(owners)] = 1
+    return np.packbits(bits, bitorder="little").view(np.int64)
+
+
+def _members(words: np.ndarray, world: int) -> np.ndarray:
+    """Ranks whose bit is set in ``words`` (int64), ascending."""
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:world]
+    return np.flatnonzero(bits)
+
+
+def _missing(words: np.ndarray, world: int) -> np.ndarray:
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:world]
+    return np.flatnonzero(bits == 0)
+
+
+def _below(holdings: Mapping[SaveKey, Holding], bound: SaveKey | None) -> list[SaveKey]:
+    return [k for k in holdings if bound is None or k < bound]
+
+
+def choose(holdings: Mapping[SaveKey, Holding], rank: int, world: int, replication: dict | None,
+           reduce: Reduce, max_rounds: int = 64) -> Chosen:
+    """Run the protocol (collective through ``reduce``: every rank calls it with its own
+    ``holdings``, damaged parts already left out). ``replication``: this rank's settings, compared
+    with what its parts of the chosen save record. Returns the same decision on every rank."""
+    bound: SaveKey | None = None
+    unrecoverable = None
+    for _ in range(max_rounds):
+        keys = _below(holdings, bound)
+        it = int(reduce(torch.tensor([max((k[0] for k in keys), default=NONE)], dtype=torch.int64), "max")[0])
+        if it == NONE:
+            return Chosen(unrecoverable=unrecoverable)
+        sid = int(reduce(torch.tensor([max((k[1] for k in keys if k[0] == it), default=NONE)],
+                                      dtype=torch.int64), "max")[0])
+        key = (it, sid)
+        mine = holdings.get(key)
+        words = _words(world)
+        census = np.zeros(2 * words + 1, dtype=np.int64)
+        if mine is not None:
+            census[:words] = _bitmap(mine.owners, world)
+            if rank in mine.owners:
+                census[words:2 * words] = _bitmap([rank], world)
+            if mine.replication != replication:
+                census[-1] = _FLAG_MISMATCH
+        census = reduce(torch.from_numpy(census), "bor").numpy()
+        missing = _missing(census[:words], world)
+        if missing.size:
+            if unrecoverable is None:
+                unrecoverable = (it, missing.tolist())
+            bound = key
+            continue
+        needs = _missing(census[words:2 * words], world).tolist()
+        plan = _holders(mine, rank, world, needs, reduce)
+        return Chosen(it, sid, needs, plan, unrecoverable, bool(census[-1] & _FLAG_MISMATCH),
+                      None if mine is None else mine.replication)
+    raise RuntimeError(f"find_latest: no decision after {max_rounds} rounds (more saves held than rounds allowed)")
+
+
+def _holders(mine: Holding | None, rank: int, world: int, needs: list[int], reduce: Reduce) -> list[Transfer]:
+    """Round 3: one MIN all_reduce naming a sender for each owner in ``needs``."""
+    if not needs:
+        return []
+    keys = torch.full((len(needs),), _NO_HOLDER, dtype=torch.int64)
+    if mine is not None:
+        for i, owner in enumerate(needs):
+            verified = mine.owners.get(owner)
+            if verified is not None and owner != rank:
+                keys[i] = (0 if verified else _UNVERIFIED) + (rank - owner) % world
+    keys = reduce(keys, "min")
+    plan = []
+    for owner, k in zip(needs, keys.tolist()):
+        if k != _NO_HOLDER:  # cannot happen: the census found a holder for every owner
+            plan.append(Transfer(owner, (owner + k % _UNVERIFIED) % world, owner))
+    return plan

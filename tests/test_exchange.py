@@ -11,7 +11,7 @@ import torch.distributed as dist
 from tasd import BasicTensorAwareStateDict
 from tasd.launch import RankFailure, run_ranks
 from tasd.managers import CorruptCheckpointError
-from tasd.managers.exchange import OutgoingPart, Transfer, exchange_parts, plan_retrieval
+from tasd.managers.exchange import OutgoingPart, Transfer, exchange_parts
 from tasd.managers.fileformat import PartMeta, encode_prefix
 from tasd.serialization import dumps
 from tasd.staging import HostBufferPool, stage
@@ -190,15 +190,3 @@ def test_dead_peer_fails_the_exchange_instead_of_hanging():
         run_ranks(dead_peer, 2, collective_timeout_s=5, timeout_s=60)
     assert "exit code 3" in info.value.failures[1]
     assert "was killed" not in info.value.failures[0], "rank 0 must fail on its own, not be killed"
-
-
-def test_retrieval_plan_spreads_senders():
-    # ranks 0..3 lost; each lost part is held by two survivors
-    needs = {0: [0], 1: [1], 2: [2], 3: [3]}
-    holders = {0: [4, 5], 1: [4, 5], 2: [4, 6], 3: [4, 6]}
-    plan = plan_retrieval(needs, holders)
-    senders = [t.src for t in plan]
-    assert sorted(t.owner for t in plan) == [0, 1, 2, 3]
-    assert max(senders.count(s) for s in set(senders)) == 2 and senders.count(4) <= 2
-    assert plan_retrieval({0: [9]}, holders) == [], "unrecoverable owners are left to the caller"
-    assert plan_retrieval(needs, holders) == plan, "deterministic"

@@ -84,7 +84,9 @@ def record_groups(rank, world, root):
 
 def test_tasd_never_uses_the_training_groups(ranks, tmp_path):
     for seen in ranks(record_groups, 2, tmp_path):
-        assert {name for name, _, _ in seen} >= {"all_reduce", "all_gather", "batch_isend_irecv"}
+        names = {name for name, _, _ in seen}
+        assert names >= {"all_reduce", "batch_isend_irecv"}
+        assert "all_gather" not in names, "no gather whose size grows with the world"
         assert all(backend == "gloo" and not world for _, backend, world in seen), seen
 
 
@@ -338,3 +340,26 @@ def test_iteration_beyond_int64_is_refused(ranks, tmp_path):
     for error, latest in ranks(huge_iteration, 2, tmp_path):
         assert "iteration must be an int in [0, 2**62), got 100000000000000000000" in error
         assert latest == 2**62 - 1
+
+
+# -- failure reports stay small whatever fails --------------------------------------------------
+
+def many_fail(rank, world):
+    from tasd.managers import collectives
+    collectives.MAX_FAILURE_REPORTS = 2  # as if more ranks failed than reports are carried
+    error = None if rank == 0 else RuntimeError(f"rank {rank} broke: " + "é" * 3000)
+    failures = collectives.gather_failures(error, collectives.cpu_group())
+    return dict(failures), failures.describe()
+
+
+def test_failure_reports_name_every_failed_rank_and_quote_a_bounded_few(ranks):
+    from tasd.managers.collectives import MAX_FAILURE_TEXT, NOT_GATHERED
+    out = ranks(many_fail, 4)
+    assert all(o == out[0] for o in out), "every rank gets the same report"
+    failures, text = out[0]
+    assert sorted(failures) == [1, 2, 3]
+    for r in (1, 2):
+        assert failures[r].startswith(f"RuntimeError: rank {r} broke: é")
+        assert len(failures[r].encode()) <= MAX_FAILURE_TEXT, "cut to MAX_FAILURE_TEXT bytes"
+    assert failures[3] == NOT_GATHERED
+    assert text.startswith("rank(s) [1, 2, 3] (3 in all): rank 1: RuntimeError") and "rank 3:" not in text

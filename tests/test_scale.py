@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from tasd.bench.scale import Case, ModelWorld, simulate
-from tasd.managers.census import choose
-from tests.test_census import ThreadWorld
+from tasd.managers.recovery import choose
+from tests.test_recovery_plan import ThreadWorld
 
 
 @pytest.mark.parametrize("case, loadable", [

@@ -233,12 +233,11 @@ class AsyncCallsQueue:
                     not_done_any, failed_any, max_idx, neg_min_idx = collectives.all_reduce_max(
                         [0 if done else 1, 1 if failed else 0, idx, -idx], group)
                     failures = (collectives.gather_failures(CheckpointingException(err) if failed else None,
-                                                            group) if failed_any else {})
+                                                            group) if failed_any else collectives.Failures())
                 except Exception as e:
                     self._unreachable(idx, e)
                 if failed_any:
-                    text = "\n".join(f"--- rank {r} ---\n{m}" for r, m in sorted(failures.items()))
-                    self._drop(f"async checkpoint call {idx} failed on rank(s) {sorted(failures)}:\n{text}")
+                    self._drop(f"async checkpoint call {idx} failed on {failures.describe()}")
                 if max_idx != -neg_min_idx:
                     raise CheckpointingException(
                         f"ranks disagree on the oldest async call (indices {-neg_min_idx}..{max_idx}): "

@@ -1,9 +1,9 @@
 """Simulating find_latest and recovery planning at 16k to 1M ranks in one process.
 
-The protocol of :mod:`tasd.managers.census` reaches every decision from reduced values. Here the
+The protocol of :mod:`tasd.managers.recovery` reaches every decision from reduced values. Here the
 reductions come from a model of the whole world instead of collectives: every rank holds its own
 part and its peers' (ring or clique placement, vectorized with numpy) of one save, and the ranks
-of some lost nodes hold nothing. One rank's side then runs the real :func:`census.choose`,
+of some lost nodes hold nothing. One rank's side then runs the real :func:`recovery.choose`,
 timed; the model's own work is done before the clock starts (a first run records the reduced
 values, a second replays them). ``tests/test_scale.py`` checks the model against real reductions
 over threads at small world sizes.
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasd.managers.census import Holding, choose
+from tasd.managers.recovery import Holding, choose
 
 #: Per-hop latency of a TCP (gloo) message between hosts, and of an NVLink/IB NCCL hop (seconds).
 GLOO_HOP_S = 20e-6
@@ -86,7 +86,7 @@ class ModelWorld:
         self._exhausted = not self.alive.any()
 
     def holdings(self, rank: int) -> dict:
-        """What ``rank`` holds in this world (the input of census.choose on that rank)."""
+        """What ``rank`` holds in this world (the input of recovery.choose on that rank)."""
         if not self.alive[rank]:
             return {}
         owners = np.flatnonzero((self.held == rank).any(axis=1))

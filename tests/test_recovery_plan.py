@@ -1,4 +1,4 @@
-"""The fixed-size find_latest protocol (tasd.managers.census), every rank a thread of this process
+"""The fixed-size find_latest protocol (tasd.managers.recovery), every rank a thread of this process
 reducing through a barrier: the decisions, and that every rank reaches the same one."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasd.managers.census import Holding, choose
+from tasd.managers.recovery import Holding, choose
 from tasd.managers.exchange import Transfer
 
 OPS = {"max": lambda a: a.max(0), "min": lambda a: a.min(0), "bor": lambda a: np.bitwise_or.reduce(a, 0)}
