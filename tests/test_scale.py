@@ -33,3 +33,15 @@ def test_planning_at_16k_ranks_is_cheap_and_its_payload_small():
     assert [op for op, _ in result.calls] == ["max", "max", "bor", "min"]
     assert result.bytes_per_rank <= 16 + 16_384 // 4 + 8 + 8 * 160
     assert result.holder_s < 0.1 and result.lost_s < 0.1, "Python time per rank"
+
+
+def test_the_scale_scenario_reports_each_world_with_its_payload_and_model(tmp_path):
+    from tasd.bench.harness import Context
+    from tasd.bench.scenarios import ScaleConfig, scale
+    res = scale(ScaleConfig(worlds=(4_096, 100_000), repeats=1, legacy_up_to=4_096), Context(tmp_path, False, False))
+    assert [(f.params["world"], f.method) for f in res.figures] == [
+        (4_096, "plan_holder"), (4_096, "plan_lost"), (4_096, "json_gather"), (100_000, "plan_holder"),
+        (100_000, "plan_lost")]
+    assert res.x == "world" and all(f.times_s and f.times_s[0] > 0 for f in res.figures)
+    assert "4,096 ranks, 40 lost: 4 all_reduces carrying" in res.notes[0] and "gloo tree" in res.notes[0]
+    assert "target at 100,000 ranks: payload 33.0 KB <= 64 KB per rank: met" in res.notes[-1]

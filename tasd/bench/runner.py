@@ -97,6 +97,9 @@ def _fmt_mib(n: int | None) -> str:
 
 
 def _point(f: Figure) -> str:
+    if "lost_ranks" in f.params:  # the scale simulation
+        p = f.params
+        return f"W{p['world']:,} F{p['factor']} {p['strategy']}, {p['lost_ranks']:,} lost"
     p = f.params
     lost = f", rank {p['lost']} lost" if p.get("lost") is not None else ""
     return f"W{p['world']} F{p['factor']} {p['nbytes'] / (1 << 20):.0f}MiB x{p['n_tensors']:,}{lost}"

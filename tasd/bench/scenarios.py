@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from tasd.bench.harness import Context, ScenarioResult, load_point, measure_points
-from tasd.bench.measure import add_ratios
+from tasd.bench.measure import Figure, add_ratios
 from tasd.bench.methods import Point
 
 MiB = 1 << 20
@@ -257,6 +257,52 @@ class Scenario:
     summary: str = field(default="")
 
 
+# -- scale ----------------------------------------------------------------------------------------
+@dataclass
+class ScaleConfig:
+    """find_latest and recovery planning simulated in this process at each of ``worlds`` ranks
+    (:mod:`tasd.bench.scale`): ``lost_fraction`` of the nodes lost, ``strategy`` placement."""
+
+    worlds: tuple[int, ...] = (16_384, 100_000, 1_000_000)
+    strategy: str = "ring"
+    factor: int = 2
+    jump: int = 8
+    lost_fraction: float = 0.01
+    repeats: int = 3
+    legacy_up_to: int = 100_000  # also time the JSON gather it replaced, up to this many ranks
+
+    @classmethod
+    def quick(cls) -> "ScaleConfig":
+        return cls(worlds=(16_384,), repeats=2)
+
+
+def scale(cfg: ScaleConfig, ctx: Context) -> ScenarioResult:
+    from tasd.bench import scale as sim
+    figures, notes = [], []
+    for world in cfg.worlds:
+        ctx.step(f"scale: simulating {world:,} ranks")
+        case = sim.Case(world, cfg.factor, cfg.jump, cfg.strategy, cfg.lost_fraction)
+        r = sim.simulate(case, cfg.repeats, legacy=world <= cfg.legacy_up_to)
+        params = {"world": world, "factor": cfg.factor, "strategy": cfg.strategy, "lost_ranks": r.lost_ranks}
+        figures.append(Figure("scale", "plan_holder", "find_latest + load planning, a rank holding its part",
+                              "tasd", params, times_s=[r.holder_s]))
+        figures.append(Figure("scale", "plan_lost", "find_latest + load planning, a rank that lost its part",
+                              "tasd", params, times_s=[r.lost_s]))
+        if r.json_decode_s is not None:
+            figures.append(Figure("scale", "json_gather", "decoding every rank's files as JSON (the protocol "
+                                  "before the census)", "peer", params, times_s=[r.json_decode_s]))
+        model = "; ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v * 1e3:,.1f} ms" for k, v in r.model.items())
+        legacy = (f" (the JSON gather: {r.json_bytes_per_rank / 1e6:,.1f} MB)" if r.json_bytes_per_rank else "")
+        notes.append(f"{world:,} ranks, {r.lost_ranks:,} lost: {len(r.calls)} all_reduces carrying "
+                     f"{r.bytes_per_rank / 1e3:,.1f} KB per rank{legacy}; modelled latency of those: {model}")
+        if world == 100_000:
+            notes.append(f"target at 100,000 ranks: payload {r.bytes_per_rank / 1e3:.1f} KB <= 64 KB per rank: "
+                         f"{'met' if r.bytes_per_rank <= 64_000 else 'missed'}; planning "
+                         f"{max(r.holder_s, r.lost_s) * 1e3:.1f} ms < 100 ms (1% of the ranks lost): "
+                         f"{'met' if max(r.holder_s, r.lost_s) < 0.1 else 'missed'}")
+    return _done(figures, "world", notes)
+
+
 #: Every scenario, in the order ``tasd bench`` runs them.
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("limits", LimitsConfig, limits, "the machine's limits: copy, write + fsync, read, gloo send/recv"),
@@ -271,4 +317,5 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("world_sweep", WorldSweepConfig, world_sweep, "save figures against world size"),
     Scenario("factor_sweep", FactorSweepConfig, factor_sweep, "save figures against replication factor"),
     Scenario("size_sweep", SizeSweepConfig, size_sweep, "save figures against state size"),
+    Scenario("scale", ScaleConfig, scale, "find_latest and recovery planning simulated at 16k-1M ranks"),
 )}
