@@ -325,10 +325,17 @@ class BaseCheckpointManager(ABC):
         self.wait_for_cleanup()
         error: BaseException | None = None
         held: dict[tuple[int, str], Holding] = {}
-        try:
-            held = self._advertised_parts()
-        except Exception as e:
-            error = e
+        # Reading the own part (most of a restart) overlaps the creation of tasd's groups, which
+        # must happen on this thread: the reader thread touches files and this manager's records only.
+        with ThreadPoolExecutor(1, thread_name_prefix="tasd-find") as reader:
+            found = reader.submit(self._advertised_parts)
+            try:
+                self._groups_ready()
+            finally:
+                try:
+                    held = found.result()
+                except Exception as e:
+                    error = e
         self._agree_or_raise(error, 0, "find_latest")
         self._held = {(it, int(sid, 16)): h for (it, sid), h in held.items()}
         self._excluded = set()
