@@ -253,3 +253,14 @@ def test_strategy_group_on_ranks(ranks, world):
         assert sums == [total, total, world]
         assert holders == [r for r in range(world) if r != rank]
         assert held == [(rank - 1) % world]
+
+
+def test_strategy_lookups_do_not_walk_the_world():
+    # A world of 16 billion ranks: building its groups would not finish; a lookup is O(F).
+    world = 8 * 2 * 10**9
+    clique, ring = CliqueReplicationStrategy(8, 2), RingReplicationStrategy(8, 3)
+    assert clique.holders(5, world) == [13] and clique.held_owners(13, world) == [5]
+    assert clique.group_of(world - 1, world) == [world - 9, world - 1]
+    assert ring.holders(world - 1, world) == [7, 15] and ring.held_owners(3, world) == [world - 13, world - 5]
+    for rank in (0, 5, 13, 16, 31):
+        assert clique.group_of(rank, 32) == next(g for g in clique.groups(32) if rank in g)

@@ -3,7 +3,7 @@ part (NVRx's CliqueReplicationStrategy placement)."""
 
 from __future__ import annotations
 
-from tasd.managers.replication.groups import parse_group_sequence
+from tasd.managers.replication.groups import as_count, parse_group_sequence
 from tasd.managers.replication.strategy import ReplicationStrategy
 
 
@@ -13,25 +13,30 @@ class CliqueReplicationStrategy(ReplicationStrategy):
 
     name = "clique"
 
-    def __init__(self, replication_jump: int = 1, replication_factor: int = 2):
-        self._groups: dict[int, dict[int, list[int]]] = {}  # world size -> rank -> its group
-        super().__init__(replication_jump, replication_factor)
-
     def groups(self, world_size: int) -> list[list[int]]:
-        """All clique groups for ``world_size`` (sorted). Raises ValueError if it does not fit."""
+        """All clique groups for ``world_size`` (sorted): O(W), for inspection and tests; the
+        lookups below are O(F). Raises ValueError if it does not fit."""
         return parse_group_sequence(self.replication_jump, self.replication_factor, world_size)
 
-    def _group_of(self, world_size: int) -> dict[int, list[int]]:
-        if world_size not in self._groups:
-            self._groups[world_size] = {r: g for g in self.groups(world_size) for r in g}
-        return self._groups[world_size]
-
     def check_world_size(self, world_size: int) -> None:
-        parse_group_sequence(self.replication_jump, self.replication_factor, world_size)
+        jump, factor = self.replication_jump, self.replication_factor
+        world = as_count("world size", world_size)
+        if world % (jump * factor) != 0:
+            raise ValueError(
+                f"clique replication needs the world size ({world}) to be divisible by "
+                f"replication_jump x replication_factor ({jump} x {factor} = {jump * factor})")
+
+    def group_of(self, rank: int, world_size: int) -> list[int]:
+        """The clique of ``rank`` (sorted, ``rank`` included), computed in O(F): the ranks with
+        the same remainder modulo J, cut into consecutive groups of F (as
+        :func:`parse_group_sequence`). ValueError for an invalid world size or rank."""
+        self._check_rank("rank", rank, world_size)
+        jump, factor = self.replication_jump, self.replication_factor
+        first = (rank // jump) // factor * factor
+        return [rank % jump + jump * (first + k) for k in range(factor)]
 
     def holders(self, owner: int, world_size: int) -> list[int]:
-        world = self._check_rank("owner", owner, world_size)
-        return [r for r in self._group_of(world)[owner] if r != owner]
+        return [r for r in self.group_of(owner, world_size) if r != owner]
 
     def held_owners(self, rank: int, world_size: int) -> list[int]:
         return self.holders(rank, world_size)  # a clique is symmetric
