@@ -311,10 +311,11 @@ class BaseCheckpointManager(ABC):
     # -- find_latest ---------------------------------------------------------------------------
     def find_latest(self) -> int:
         """Newest iteration every rank can load (-1 if none): a save of which every owner rank's
-        part is held by at least one rank. A restart reads only this rank's newest own part whole
-        (verifying it; load uses what was read) and the headers of the others: a replica, or an
-        older own part, is verified when a load needs and reads it (a damaged one is then never
-        used, see load). Collective: a fixed number of small all_reduces whatever the number of
+        part is held by at least one rank. It reads the header of every part, and starts reading
+        this rank's newest own part whole in a background thread that load then uses (so a
+        restart reads it once, and the read overlaps the planning and the sending of replicas);
+        a part's data is verified when a load reads it (a damaged one is then never used, see
+        load). Collective: a fixed number of small all_reduces whatever the number of
         files or ranks (:mod:`tasd.managers.recovery`: about W/4 bytes per rank, 8 more per lost
         rank).
         Parts that fail these checks, or belong to another session (or, with the default session,

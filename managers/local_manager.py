@@ -96,9 +96,11 @@ class LocalCheckpointManager(BaseCheckpointManager):
         self._known: dict[Path, tuple[tuple[int, int, int], PartMeta, bool]] = {}
         # Parts found damaged when a load read them: their identity then.
         self._damaged: dict[Path, tuple[int, int, int]] = {}
-        # The newest own part, read whole while find_latest verified it, kept for the next load so
-        # that a restart reads it once: (path, identity, part).
-        self._prefetched: tuple[Path, tuple[int, int, int], LoadedPart] | None = None
+        # The newest own part, read whole (and verified) in a thread started by find_latest, for the
+        # next load, so that a restart reads it once and its read overlaps the census and a
+        # holder's sending of replicas: (path, identity, future of the LoadedPart).
+        self._prefetched: tuple[Path, tuple[int, int, int], Future] | None = None
+        self._prefetcher: ThreadPoolExecutor | None = None
         # Removal of superseded parts runs in one background thread (freeing a large file costs
         # ~0.15 s/GiB); every later storage operation waits for it first.
         self._janitor: ThreadPoolExecutor | None = None
@@ -205,11 +207,12 @@ class LocalCheckpointManager(BaseCheckpointManager):
         return None
 
     def _advertised_parts(self) -> dict[tuple[int, str], Holding]:
-        """Reads the newest part of this rank's own whole (verifying it; load then uses what was
-        read) and only the headers of the others: a replica, or an older own part, is verified
-        when a load reads it."""
+        """Reads the header of every part (a part's data is verified when a load reads it) and
+        starts reading the newest own part whole in a thread (see ``_prefetched``). Runs in
+        find_latest's reader thread while the training thread creates tasd's groups."""
         out: dict[tuple[int, str], Holding] = {}
         self._prefetched = None
+        newest_own: tuple[Path, tuple[int, int, int]] | None = None
         for (iteration, owner), path in sorted(self._scan().items(), reverse=True):
             known = self._known_part(path)
             if known is None and self._is_unchanged(path, self._damaged.get(path)):
@@ -218,25 +221,24 @@ class LocalCheckpointManager(BaseCheckpointManager):
             if known is None:
                 try:
                     identity = self._identity(path)
-                    if owner == self.rank and self._prefetched is None:
-                        part = read_part(path)  # verifies, and load will not read it again
-                        header, checked = part.header, True
-                        self._prefetched = (path, identity, part)
-                    else:
-                        header, checked = read_header(path), False
+                    header = read_header(path)
                 except (CorruptCheckpointError, OSError) as e:
                     logger.warning("rank %d skips iteration %d: %s", self.rank, iteration, e)
                     continue
                 why = self._foreign(header.meta, iteration, owner)
                 if why is not None:
                     logger.warning("rank %d skips %s: %s", self.rank, path, why)
-                    if self._prefetched is not None and self._prefetched[0] == path:
-                        self._prefetched = None
                     continue
-                known = (header.meta, checked)
+                known = (header.meta, False)
                 self._known[path] = (identity, *known)
+            if owner == self.rank and newest_own is None:
+                newest_own = (path, self._known[path][0])
             meta, checked = known
             out.setdefault((iteration, meta.save_id), Holding({}, meta.replication)).owners[owner] = checked
+        if newest_own is not None:
+            if self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="tasd-prefetch")
+            self._prefetched = (*newest_own, self._prefetcher.submit(read_part, newest_own[0]))
         return out
 
     def find_latest(self) -> int:
@@ -254,7 +256,9 @@ class LocalCheckpointManager(BaseCheckpointManager):
         path = self._path(iteration, owner)
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None and prefetched[0] == path and self._is_unchanged(path, prefetched[1]):
-            part = prefetched[2]  # handed out once: a second load reads the file again
+            with self._reading(path, prefetched[1]):  # handed out once: a second load reads the file again
+                part = prefetched[2].result()
+            self._known[path] = (prefetched[1], part.header.meta, True)
         else:
             part = self._read(path, read_part)
         self._check_save_id(path, part.header.meta, save_id)

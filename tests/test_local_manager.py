@@ -96,7 +96,7 @@ def find_latest_only(rank, world, root):
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "bitflip"])
-def test_damaged_part_makes_find_latest_skip_the_iteration(ranks, tmp_path, damage):
+def test_damaged_part_is_skipped_and_load_falls_back(ranks, tmp_path, damage):
     ranks(save_steps, 2, tmp_path, [1])
     old = keep_old_iteration(tmp_path, 2, 1)
     ranks(save_steps, 2, tmp_path, [2])
@@ -114,11 +114,31 @@ def test_damaged_part_makes_find_latest_skip_the_iteration(ranks, tmp_path, dama
             byte = f.read(1)
             f.seek(header.data_offset + 4097)
             f.write(bytes([byte[0] ^ 1]))
-    assert ranks(load_latest, 2, tmp_path) == [(1, (1, r, SESSION)) for r in range(2)]
-    # Without the older iteration there is nothing to load: -1 on every rank.
+    # A header that fails its checks is skipped by find_latest; damage inside the data is found
+    # when load reads the part (in the background from find_latest on), and load falls back.
+    found = 2 if damage == "bitflip" else 1
+    assert ranks(find_then_load, 2, tmp_path) == [(found, 1, None)] * 2
+    # Without the older iteration there is nothing to load.
     for path in old:
         path.unlink()
-    assert ranks(find_latest_only, 2, tmp_path) == [-1, -1]
+    out = ranks(find_then_load, 2, tmp_path)
+    if damage == "bitflip":
+        assert all(f == 2 and it is None and "found damaged on rank(s) [1]" in err for f, it, err in out), out
+    else:
+        assert all(f == -1 and it is None and "cannot be recovered: no rank holds the part of rank 1" in err
+                   for f, it, err in out), out
+
+
+def find_then_load(rank, world, root):
+    """(find_latest's answer, the iteration load returned or None, load's error or None)."""
+    m = LocalCheckpointManager(root, SESSION)
+    found = m.find_latest()
+    try:
+        sd, (iteration, _, _) = m.load()
+    except CheckpointingException as e:
+        return found, None, str(e)
+    assert_same(sd.state_dict, rank_state(rank, iteration))
+    return found, iteration, None
 
 
 # -- failures on one rank become errors on every rank ------------------------------------------
