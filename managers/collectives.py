@@ -101,14 +101,15 @@ def all_reduce_max(values: list[int], group: Any = None) -> list[int]:
 def rank_bitmap(ranks: Any, world: int) -> torch.Tensor:
     """A W-bit bitmap (``ceil(W / 64)`` int64 words) with the bits of ``ranks`` set."""
     bits = np.zeros((world + 63) // 64 * 64, dtype=np.uint8)
-    bits[list(ranks)] = 1
+    bits[np.fromiter(ranks, dtype=np.int64)] = 1
     return torch.from_numpy(np.packbits(bits, bitorder="little").view(np.int64))
 
 
-def bitmap_ranks(words: torch.Tensor, world: int) -> list[int]:
-    """The ranks whose bit is set in ``words`` (from :func:`rank_bitmap`), ascending."""
+def bitmap_ranks(words: torch.Tensor, world: int, present: bool = True) -> list[int]:
+    """The ranks whose bit is set in ``words`` (from :func:`rank_bitmap`), ascending; with
+    ``present=False`` those whose bit is clear."""
     bits = np.unpackbits(words.numpy().view(np.uint8), bitorder="little")[:world]
-    return np.flatnonzero(bits).tolist()
+    return np.flatnonzero(bits if present else bits == 0).tolist()
 
 
 #: How many failed ranks' messages :func:`gather_failures` carries (the others are named only).

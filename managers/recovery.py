@@ -30,9 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-import numpy as np
 import torch
 
+from tasd.managers.collectives import bitmap_ranks, rank_bitmap
 from tasd.managers.exchange import Transfer
 
 #: ``reduce(values, op)``: ``values`` (1-D int64) reduced over every rank with ``op``.
@@ -70,27 +70,6 @@ class Chosen:
     replication: dict | None = field(default=None, compare=False)  # as this rank's parts record them (None: holds none)
 
 
-def _words(world: int) -> int:
-    return (world + 63) // 64
-
-
-def _bitmap(owners, world: int) -> np.ndarray:
-    bits = np.zeros(_words(world) * 64, dtype=np.uint8)
-    bits[list(owners)] = 1
-    return np.packbits(bits, bitorder="little").view(np.int64)
-
-
-def _members(words: np.ndarray, world: int) -> np.ndarray:
-    """Ranks whose bit is set in ``words`` (int64), ascending."""
-    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:world]
-    return np.flatnonzero(bits)
-
-
-def _missing(words: np.ndarray, world: int) -> np.ndarray:
-    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:world]
-    return np.flatnonzero(bits == 0)
-
-
 def _below(holdings: Mapping[SaveKey, Holding], bound: SaveKey | None) -> list[SaveKey]:
     return [k for k in holdings if bound is None or k < bound]
 
@@ -111,24 +90,20 @@ def choose(holdings: Mapping[SaveKey, Holding], rank: int, world: int, replicati
                                       dtype=torch.int64), "max")[0])
         key = (it, sid)
         mine = holdings.get(key)
-        words = _words(world)
-        census = np.zeros(2 * words + 1, dtype=np.int64)
-        if mine is not None:
-            census[:words] = _bitmap(mine.owners, world)
-            if rank in mine.owners:
-                census[words:2 * words] = _bitmap([rank], world)
-            if mine.replication != replication:
-                census[-1] = _FLAG_MISMATCH
-        census = reduce(torch.from_numpy(census), "bor").numpy()
-        missing = _missing(census[:words], world)
-        if missing.size:
+        held = rank_bitmap(mine.owners if mine is not None else [], world)
+        own = rank_bitmap([rank] if mine is not None and rank in mine.owners else [], world)
+        flag = _FLAG_MISMATCH if mine is not None and mine.replication != replication else 0
+        census = reduce(torch.cat([held, own, torch.tensor([flag], dtype=torch.int64)]), "bor")
+        words = held.numel()
+        missing = bitmap_ranks(census[:words], world, present=False)
+        if missing:
             if unrecoverable is None:
-                unrecoverable = (it, missing.tolist())
+                unrecoverable = (it, missing)
             bound = key
             continue
-        needs = _missing(census[words:2 * words], world).tolist()
+        needs = bitmap_ranks(census[words:2 * words], world, present=False)
         plan = _holders(mine, rank, world, needs, reduce)
-        return Chosen(it, sid, needs, plan, unrecoverable, bool(census[-1] & _FLAG_MISMATCH),
+        return Chosen(it, sid, needs, plan, unrecoverable, bool(int(census[-1]) & _FLAG_MISMATCH),
                       None if mine is None else mine.replication)
     raise RuntimeError(f"find_latest: no decision after {max_rounds} rounds (more saves held than rounds allowed)")
 

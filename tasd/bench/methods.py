@@ -275,23 +275,19 @@ class RankBench:
             return complete
         return Method("tasd_async", call)
 
-    def tasd_sync(self) -> Method:
-        """LocalCheckpointManager.save (synchronous: stage, exchange, write, fsync, publish)."""
-        mgr = self.tasd_manager()
+    def tasd_sync(self, direct_io: bool | None = None) -> Method:
+        """LocalCheckpointManager.save (synchronous: stage, exchange, write, fsync, publish), with
+        the default write path or ``direct_io``."""
+        mgr = self.tasd_manager(direct_io)
 
         def call() -> Completion:
             mgr.save(BasicTensorAwareStateDict(self.state), self.next_iteration())
             return mgr.wait_for_cleanup
-        return Method("tasd_sync", call)
+        return Method("tasd_sync" if direct_io is None else "tasd_sync_direct", call)
 
     def tasd_sync_direct(self) -> Method:
-        """LocalCheckpointManager.save with ``direct_io=True``: every part written with O_DIRECT."""
-        mgr = self.tasd_manager(direct_io=True)
-
-        def call() -> Completion:
-            mgr.save(BasicTensorAwareStateDict(self.state), self.next_iteration())
-            return mgr.wait_for_cleanup
-        return Method("tasd_sync_direct", call)
+        """:meth:`tasd_sync` with ``direct_io=True``: every part written with O_DIRECT."""
+        return self.tasd_sync(direct_io=True)
 
     def tasd_exchange(self) -> Method:
         """A synchronous save's replica exchange, as the manager measures it (``last_save.exchange_s``)."""

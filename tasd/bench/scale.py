@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tasd.managers.collectives import rank_bitmap
 from tasd.managers.recovery import Holding, choose
 
 #: Per-hop latency of a TCP (gloo) message between hosts, and of an NVLink/IB NCCL hop (seconds).
@@ -100,15 +101,10 @@ class ModelWorld:
                 return torch.tensor([-1], dtype=torch.int64)
             return torch.tensor([self.key[0] if stage == "iteration" else self.key[1]], dtype=torch.int64)
         if op == "bor":
-            words = (w + 63) // 64
             held_somewhere = self.alive[self.held].any(axis=1)
-            bits = np.zeros(2 * words * 64, dtype=np.uint8)
-            bits[:w] = held_somewhere
-            bits[words * 64:words * 64 + w] = self.alive
-            census = np.zeros(2 * words + 1, dtype=np.int64)
-            census[:2 * words] = np.packbits(bits, bitorder="little").view(np.int64)
             self._exhausted = not held_somewhere.all()
-            return torch.from_numpy(census)
+            return torch.cat([rank_bitmap(np.flatnonzero(held_somewhere), w),
+                              rank_bitmap(np.flatnonzero(self.alive), w), torch.zeros(1, dtype=torch.int64)])
         if op == "min":
             needs = np.flatnonzero(~self.alive)
             if len(needs) != values.numel():
