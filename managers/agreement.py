@@ -1,8 +1,8 @@
 """Agreeing on the outcome of a collective step: a failure on one rank becomes an error on every rank.
 
-Every function here is collective over ``group`` (tasd's own gloo group: see
-:func:`tasd.managers.collectives.cpu_group`) and runs on the training thread. The common case (no
-failure) costs one all_reduce of four integers; a failure adds the gathering of error texts.
+Every function here is collective over ``group`` (tasd's own gloo groups: see
+:func:`tasd.managers.collectives.agreement_group`) and runs on the training thread. The common case
+(no failure) costs one all_reduce of four integers; a failure adds the gathering of error texts.
 """
 
 from __future__ import annotations

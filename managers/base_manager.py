@@ -7,8 +7,9 @@ docstring gives the protocol in order; which checkpoint a restart loads, and whe
 from, is planned by :mod:`tasd.managers.recovery`.
 
 All of tasd's collectives run on process groups of its own, created on the calling (training)
-thread inside these collective calls: agreements on :func:`tasd.managers.collectives.cpu_group`
-(gloo, over the world), replica and recovery traffic on the strategy's gloo exchange group. Nothing
+thread inside these collective calls: agreements on :func:`tasd.managers.collectives.agreement_group`
+(a tree of gloo groups of at most 64 ranks), replica and recovery traffic on the strategy's gloo
+groups among peers. Nothing
 here issues work on the training's communicators or waits for the GPU.
 """
 
@@ -168,7 +169,7 @@ class BaseCheckpointManager(ABC):
         collective call, on the calling thread; returns the agreement group."""
         if self.repl_strategy is not None:
             self.repl_strategy.group  # noqa: B018 - creates a lazy strategy's group here, not in a thread
-        return collectives.cpu_group()
+        return collectives.agreement_group()
 
     def _agree_or_raise(self, error: BaseException | None, iteration: int, what: str, extra: int = 0) -> int:
         return agree_or_raise(error, iteration, what, self._groups_ready(), extra)

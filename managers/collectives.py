@@ -1,9 +1,10 @@
 """Small collectives the managers use to agree: a fixed number of operations whatever the number
 of files or tensors, all data exchanged as plain bytes (never pickles from peers).
 
-Every function here is collective over ``group`` (all ranks must call it in the same order) and
-works without torch.distributed initialized (a world of one). A dead peer makes the underlying
-collective fail after the process group's timeout; that error propagates as it comes.
+Every reducing function here is collective over ``group`` (an :func:`agreement_group`: all its
+ranks must call it in the same order; None: a world of one, as without torch.distributed). A dead
+peer makes the underlying collective fail after the group's timeout; that error propagates as it
+comes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tasd import device
+from tasd.managers.subgroups import GroupTree, Subgroup, group_tree
 
 
 def is_distributed() -> bool:
@@ -22,75 +23,63 @@ def is_distributed() -> bool:
 
 
 def rank_and_size(group: Any = None) -> tuple[int, int]:
-    """(global rank, size of ``group``), (0, 1) without torch.distributed."""
+    """(global rank, size of ``group``: a torch process group, an :func:`agreement_group` or
+    None for the world), (0, 1) without torch.distributed."""
     if not is_distributed():
         return 0, 1
+    if isinstance(group, (GroupTree, Subgroup)):
+        return group.rank, group.size
     return dist.get_rank(), dist.get_world_size(group)
 
 
-def comm_device(group: Any = None) -> torch.device:
-    """The device collectives of ``group`` need: CUDA for NCCL, CPU otherwise (gloo)."""
-    if is_distributed() and dist.get_backend(group) == "nccl":
-        return device.default_device()
-    return torch.device("cpu")
-
-
 def group_timeout(group: Any = None) -> Any:
-    """The timeout (a timedelta) ``group``'s collectives were created with, or None when it cannot
-    be read; new groups should inherit it (``dist.new_group`` otherwise defaults to 30 minutes)."""
+    """The timeout (a timedelta) ``group``'s collectives were created with (a torch process group,
+    an :func:`agreement_group`, or None for the world), or None when it cannot be read."""
     if not is_distributed():
         return None
+    if isinstance(group, (GroupTree, Subgroup)):
+        return group.timeout
     pg = group if group is not None else dist.group.WORLD
     try:
-        return pg._get_backend(comm_device(group)).options._timeout
-    except Exception:  # private API: absent in some torch versions or backends
+        return pg._get_backend(torch.device("cpu")).options._timeout
+    except Exception:  # private API, or a group without a CPU backend (NCCL only)
         return None
 
 
 #: Longest error text a rank contributes to :func:`gather_failures` (characters).
 MAX_FAILURE_TEXT = 2000
 
-_cpu_groups: dict[Any, Any] = {}
 
+def agreement_group(group: Any = None) -> GroupTree | None:
+    """The groups every agreement of tasd runs on, for the members of ``group`` (a torch process
+    group; None: the world): a :class:`~tasd.managers.subgroups.GroupTree` of tasd's own gloo
+    groups of at most ``subgroups.TREE_FANOUT`` ranks, so that tasd never issues work on the
+    training's communicators (NCCL or gloo), never waits for the GPU, a failure or timeout of its
+    traffic cannot leave the training's groups unusable, and no rank connects to more than a few
+    dozen peers or pays a ring of W hops. None without torch.distributed (a world of one).
 
-def cpu_group(group: Any = None) -> Any:
-    """tasd's own gloo process group with the members of ``group`` (the world when None): the group
-    every small agreement collective of tasd runs on, so that tasd never issues work on the
-    training's communicators (NCCL or gloo), never waits for the GPU, and a failure or timeout of
-    its traffic cannot leave the training's groups unusable. None without torch.distributed (a
-    world of one).
-
-    Created on the first call for ``group`` and cached for the life of the process; that first call
-    is collective over ``group``'s members (over the world for the world group) and must be made on
-    the training thread at a point all ranks reach together (tasd makes it inside its collective
-    calls: save, find_latest, load, a queue's finalize). It inherits the job's collective timeout
-    (:func:`group_timeout`). Later calls are local.
+    Built on the first call for ``group``'s members and cached for the life of the process; that
+    first call is collective over them and must be made on the training thread at a point they
+    all reach together (tasd makes it inside its collective calls: save, find_latest, load, a
+    queue's finalize). Its groups inherit the job's collective timeout. Later calls are local.
     """
     if not is_distributed():
         return None
-    key = group if group is not None and group is not dist.group.WORLD else None
-    found = _cpu_groups.get(key)
-    if found is None:
-        timeout = group_timeout(group)
-        if key is None:
-            found = dist.new_group(backend="gloo", timeout=timeout)
-        else:  # only the members call it
-            found = dist.new_group(dist.get_process_group_ranks(group), backend="gloo", timeout=timeout,
-                                   use_local_synchronization=True)
-        _cpu_groups[key] = found
-    return found
+    if group is None or group is dist.group.WORLD:
+        ranks: Any = range(dist.get_world_size())
+    else:
+        ranks = sorted(dist.get_process_group_ranks(group))
+    return group_tree(ranks)
 
 
-_OPS = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "bor": dist.ReduceOp.BOR}
-
-
-def all_reduce(values: torch.Tensor, op: str, group: Any = None) -> torch.Tensor:
-    """``values`` (a 1-D integer tensor) reduced element-wise over the group with ``op`` ("max",
-    "min" or "bor": bitwise or), one all_reduce; returned as a new CPU tensor."""
-    t = values.to(comm_device(group), copy=True)
-    if is_distributed():
-        dist.all_reduce(t, op=_OPS[op], group=group)
-    return t.cpu()
+def all_reduce(values: torch.Tensor, op: str, group: GroupTree | None = None) -> torch.Tensor:
+    """``values`` (a 1-D integer tensor) reduced element-wise over ``group`` (from
+    :func:`agreement_group`; None: a world of one) with ``op`` ("max", "min" or "bor": bitwise
+    or); returned as a new CPU tensor."""
+    t = values.to("cpu", copy=True)
+    if group is not None:
+        group.all_reduce(t, op)
+    return t
 
 
 def all_reduce_max(values: list[int], group: Any = None) -> list[int]:
@@ -131,23 +120,25 @@ class Failures(dict):
         return f"rank(s) [{listed}] ({len(ranks)} in all): {quoted}"
 
 
-def gather_failures(error: BaseException | None, group: Any = None) -> Failures:
-    """Agree on whether any rank failed: one all_reduce when none did; when some did, which ones
-    (a W-bit bitmap, one BOR all_reduce) and the messages of the lowest MAX_FAILURE_REPORTS of them
-    (each cut to MAX_FAILURE_TEXT bytes of UTF-8, one MAX all_reduce of as many slots), so that the
-    cost does not grow with the number of failed ranks or the length of their messages. Every rank
-    gets the same answer."""
+def gather_failures(error: BaseException | None, group: GroupTree | None = None) -> Failures:
+    """Agree on whether any rank of ``group`` (from :func:`agreement_group`) failed: one all_reduce
+    when none did; when some did, which ones (a bitmap over the group's members, one BOR
+    all_reduce) and the messages of the lowest MAX_FAILURE_REPORTS of them (each cut to
+    MAX_FAILURE_TEXT bytes of UTF-8, one MAX all_reduce of as many slots), so that the cost does
+    not grow with the number of failed ranks or the length of their messages. Every rank gets the
+    same answer, keyed by global rank."""
     if all_reduce_max([1 if error is not None else 0], group)[0] == 0:
         return Failures()
-    rank, world = rank_and_size(group)
-    failed = bitmap_ranks(all_reduce(rank_bitmap([rank] if error is not None else [], world), "bor", group), world)
+    members = group.ranks if group is not None else (0,)
+    me, n = (group.index if group is not None else 0), len(members)
+    failed = bitmap_ranks(all_reduce(rank_bitmap([me] if error is not None else [], n), "bor", group), n)
     quoted = failed[:MAX_FAILURE_REPORTS]
     slots = torch.zeros((len(quoted), MAX_FAILURE_TEXT), dtype=torch.uint8)
-    if rank in quoted:
+    if me in quoted:
         text = f"{type(error).__name__}: {error}".encode("utf-8", "replace")[:MAX_FAILURE_TEXT]
-        slots[quoted.index(rank), :len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        slots[quoted.index(me), :len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
     slots = all_reduce(slots.view(-1), "max", group).view(len(quoted), MAX_FAILURE_TEXT)
-    out = Failures({r: NOT_GATHERED for r in failed})
-    for r, row in zip(quoted, slots.numpy()):
-        out[r] = bytes(row).rstrip(b"\0").decode("utf-8", "replace")
+    out = Failures({members[p]: NOT_GATHERED for p in failed})
+    for p, row in zip(quoted, slots.numpy()):
+        out[members[p]] = bytes(row).rstrip(b"\0").decode("utf-8", "replace")
     return out

@@ -408,23 +408,23 @@ def test_dead_rank_fails_finalize_everywhere_and_orphaned_worker_exits(tmp_path,
         assert not os.path.exists(f"/proc/{pid}"), "persistent worker outlived its training process"
 
 
-# -- the agreement runs on tasd's own gloo group; idle polls and plain schedules are free ------------
+# -- the agreement runs on tasd's own gloo groups; idle polls and plain schedules are free ------------
 
-def _rank_cpu_group(rank, world, tmp, persistent):
+def _rank_agreement_group(rank, world, tmp, persistent):
     from tasd import device
-    from tasd.managers import collectives
-    used = []
-    real_all_reduce, real_all_gather = dist.all_reduce, dist.all_gather
+    from tasd.managers import subgroups
+    used, training = [], []
+    real_op, real_all_reduce = subgroups.Subgroup.all_reduce, dist.all_reduce
 
-    def all_reduce(*args, **kwargs):
-        used.append(kwargs.get("group"))
+    def all_reduce(self, *args, **kwargs):
+        used.append(self.purpose)
+        return real_op(self, *args, **kwargs)
+
+    def training_all_reduce(*args, **kwargs):
+        training.append(kwargs.get("group"))
         return real_all_reduce(*args, **kwargs)
 
-    def all_gather(*args, **kwargs):
-        used.append(kwargs.get("group"))
-        return real_all_gather(*args, **kwargs)
-
-    dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    subgroups.Subgroup.all_reduce, dist.all_reduce = all_reduce, training_all_reduce
     start = device.sync_count()  # every device wait (synchronize or synchronize_stream) is counted
     try:
         q = AsyncCallsQueue(persistent=persistent, wait_timeout_s=WAIT_S)
@@ -439,20 +439,20 @@ def _rank_cpu_group(rank, world, tmp, persistent):
         finalized = q.maybe_finalize_async_calls(blocking=True)
         q.close()
     finally:
-        dist.all_reduce, dist.all_gather = real_all_reduce, real_all_gather
-    cpu = collectives.cpu_group()
+        subgroups.Subgroup.all_reduce, dist.all_reduce = real_op, real_all_reduce
     return (idle, plain_schedule_syncs, preload_syncs, finalized, len(used) > 0,
-            all(g is cpu for g in used), cpu is not None and cpu is not dist.group.WORLD)
+            all(p.startswith("agree") for p in used), training)
 
 
 @KINDS
-def test_agreement_uses_tasd_cpu_group_and_syncs_only_after_a_preload(ranks, tmp_path, persistent):
-    for idle, plain_syncs, preload_syncs, finalized, any_used, all_cpu, own in _fast_ranks(
-            ranks, _rank_cpu_group, 2, str(tmp_path), persistent):
+def test_agreement_uses_tasd_groups_and_syncs_only_after_a_preload(ranks, tmp_path, persistent):
+    for idle, plain_syncs, preload_syncs, finalized, any_used, all_agree, training in _fast_ranks(
+            ranks, _rank_agreement_group, 2, str(tmp_path), persistent):
         assert idle == ([], 0, 0), "a poll with nothing pending makes no collective and no device sync"
         assert plain_syncs == 0, "schedule without a preload_fn must not wait for the device"
         assert preload_syncs == 1 and finalized == [1]
-        assert any_used and all_cpu and own, "every agreement collective runs on collectives.cpu_group()"
+        assert any_used and all_agree, "every agreement collective runs on collectives.agreement_group()"
+        assert training == [], "no collective on torch.distributed's (the training's) groups"
 
 
 # -- a call that cannot start on one rank keeps the queues in step --------------------------------

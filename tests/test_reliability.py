@@ -56,38 +56,56 @@ def test_lazy_strategy_group_is_made_on_the_training_thread(ranks, tmp_path):
 
 
 def record_groups(rank, world, root):
-    seen = []
-    real = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "batch_isend_irecv")}
+    from tasd.managers import subgroups
+    subgroups.TREE_FANOUT = 2  # agreements on a tree of 2-rank groups, as 64-rank ones at scale
+    training, tasd_ops = [], []
+    names = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier", "send", "recv", "isend",
+             "irecv", "batch_isend_irecv", "new_group", "gather", "scatter", "reduce")
+    real = {name: getattr(dist, name) for name in names}
 
     def spy(name):
         def call(*args, **kwargs):
-            group = kwargs.get("group")
-            if name == "batch_isend_irecv":
-                group = args[0][0].group if args[0] else None
-            seen.append((name, dist.get_backend(group), group is None or group is dist.group.WORLD))
+            training.append(name)
             return real[name](*args, **kwargs)
+        return call
+
+    real_ops = {name: getattr(subgroups.Subgroup, name) for name in ("all_reduce", "broadcast", "send", "recv")}
+
+    def spy_op(name):
+        def call(self, *args, **kwargs):
+            tasd_ops.append((name, self.purpose, self.size, type(self.pg).__name__))
+            return real_ops[name](self, *args, **kwargs)
         return call
 
     for name in real:
         setattr(dist, name, spy(name))
-    strategy = RingReplicationStrategy(1, 2)
-    m = LocalCheckpointManager(root, SESSION, strategy)
-    m.save(BasicTensorAwareStateDict(state(rank, 1)), 1)
-    queue = AsyncCallsQueue(persistent=False)
-    queue.schedule_async_request(m.save(BasicTensorAwareStateDict(state(rank, 2)), 2, is_async=True))
-    queue.maybe_finalize_async_calls(blocking=True)
-    fresh = LocalCheckpointManager(root, SESSION, strategy)
-    fresh.find_latest()
-    fresh.load()
-    return seen
+    for name in real_ops:
+        setattr(subgroups.Subgroup, name, spy_op(name))
+    try:
+        strategy = RingReplicationStrategy(1, 2)
+        m = LocalCheckpointManager(root, SESSION, strategy)
+        m.save(BasicTensorAwareStateDict(state(rank, 1)), 1)
+        queue = AsyncCallsQueue(persistent=False)
+        queue.schedule_async_request(m.save(BasicTensorAwareStateDict(state(rank, 2)), 2, is_async=True))
+        queue.maybe_finalize_async_calls(blocking=True)
+        fresh = LocalCheckpointManager(root, SESSION, strategy)
+        fresh.find_latest()
+        fresh.load()
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+        for name, fn in real_ops.items():
+            setattr(subgroups.Subgroup, name, fn)
+    return training, tasd_ops
 
 
-def test_tasd_never_uses_the_training_groups(ranks, tmp_path):
-    for seen in ranks(record_groups, 2, tmp_path):
-        names = {name for name, _, _ in seen}
-        assert names >= {"all_reduce", "batch_isend_irecv"}
-        assert "all_gather" not in names, "no gather whose size grows with the world"
-        assert all(backend == "gloo" and not world for _, backend, world in seen), seen
+def test_tasd_never_uses_the_training_groups_nor_a_world_group(ranks, tmp_path):
+    for training, tasd_ops in ranks(record_groups, 4, tmp_path):
+        assert training == [], "tasd makes no call on torch.distributed's groups (the training's)"
+        kinds = {name for name, _, _, _ in tasd_ops}
+        assert kinds >= {"all_reduce", "broadcast", "send", "recv"}, kinds
+        assert all(backend == "ProcessGroupGloo" for _, _, _, backend in tasd_ops)
+        assert max(size for _, _, size, _ in tasd_ops) == 2, "no group of tasd spans more than its fanout or peers"
 
 
 # -- a failure on one rank is an error on every rank, promptly, and the job stays usable ---------
@@ -348,7 +366,7 @@ def many_fail(rank, world):
     from tasd.managers import collectives
     collectives.MAX_FAILURE_REPORTS = 2  # as if more ranks failed than reports are carried
     error = None if rank == 0 else RuntimeError(f"rank {rank} broke: " + "é" * 3000)
-    failures = collectives.gather_failures(error, collectives.cpu_group())
+    failures = collectives.gather_failures(error, collectives.agreement_group())
     return dict(failures), failures.describe()
 
 

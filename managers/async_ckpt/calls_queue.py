@@ -9,17 +9,17 @@ its index there and is recorded as failed, and the next finalize reports it on e
 With ``no_dist=False`` finalizing is collective whenever this rank has unfinalized calls: one small
 integer all_reduce per call examined (the failure path adds
 :func:`tasd.managers.collectives.gather_failures`), all on
-:func:`tasd.managers.collectives.cpu_group` of the queue's ``group``: tasd's own gloo group, never
-the training's (NCCL) communicator, so finalizing never waits for the GPU. That group is created at
-the first finalize that has calls pending (a collective point of every rank). A finalize with no
+:func:`tasd.managers.collectives.agreement_group` of the queue's ``group``: tasd's own tree of gloo
+groups, never the training's (NCCL) communicator, so finalizing never waits for the GPU. Those
+groups are created at the first finalize that has calls pending (a collective point of every rank). A finalize with no
 pending call makes no collective and no device synchronization.
 
 Bounds: a blocking finalize waits for one call at most the queue's wait timeout (``wait_timeout_s``,
 by default the job's collective timeout); a call past it fails and its worker is killed. With
-``no_dist=False`` it waits in rounds of at most half the cpu group's timeout, each ended by the
+``no_dist=False`` it waits in rounds of at most half the agreement groups' timeout, each ended by the
 agreement all_reduce, so that a rank whose call finished early waits in a collective only about
 that long and a hung writer is reported as a failure of that rank on every rank, not as a
-collective timeout. Each collective is bounded by the cpu group's timeout (the job's collective
+collective timeout. Each collective is bounded by the agreement groups' timeout (the job's collective
 timeout). Workers exit by themselves when the training process dies, even in a stuck call.
 
 Handles: a request's optional ``handle`` is told ``scheduled(queue, call_idx)`` and
@@ -87,7 +87,7 @@ class AsyncCallsQueue:
     > 0) bounds each blocking wait for one call; None: the job's collective timeout
     (:func:`tasd.managers.collectives.group_timeout` of ``group``, read at each wait), else
     :data:`DEFAULT_WAIT_TIMEOUT_S`. ``group``: the ranks that finalize together (default: the
-    world); the agreement runs on its :func:`~tasd.managers.collectives.cpu_group`.
+    world); the agreement runs on its :func:`~tasd.managers.collectives.agreement_group`.
     """
 
     def __init__(self, persistent: bool = True, wait_timeout_s: float | None = None, group: Any = None):
@@ -190,7 +190,7 @@ class AsyncCallsQueue:
         scheduled call, each at most :meth:`wait_timeout` (a call past it fails and its worker is
         killed). Returns the finalized call indices. Called on the training thread.
 
-        ``no_dist=False``: collective over the queue's cpu group whenever calls are pending (see
+        ``no_dist=False``: collective over the queue's agreement group whenever calls are pending (see
         the module docstring): ranks agree with one all_reduce per call examined (per round of a
         blocking wait) whether it is done everywhere, failed anywhere, and has the same index
         everywhere. A failed call (exception in async_fn, dead or killed worker, wait timeout,
@@ -213,7 +213,7 @@ class AsyncCallsQueue:
             while True:  # no_dist, or not blocking: one pass; blocking and collective: rounds
                 if not no_dist and not have_group:
                     try:
-                        group, have_group = collectives.cpu_group(self.group), True
+                        group, have_group = collectives.agreement_group(self.group), True
                     except Exception as e:
                         self._unreachable(idx, e)
                     timeout = collectives.group_timeout(group)

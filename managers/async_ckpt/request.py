@@ -117,14 +117,14 @@ class AsyncRequest(_AsyncRequestFields):
     def execute_sync(self) -> None:
         """Run the request synchronously in this process: preload_fn (if any), async_fn, a barrier
         when torch.distributed is initialized (collective then: every rank must call it; on
-        :func:`tasd.managers.collectives.cpu_group`, never the training's communicator), then the
+        :func:`tasd.managers.collectives.agreement_group`, never the training's communicator), then the
         finalize functions in order. The handle is not told anything. Exceptions propagate as
         they come."""
         args = self.resolved_args()
         if self.async_fn is not None:
             self.async_fn(*args, **self.async_fn_kwargs)
         if collectives.is_distributed():
-            torch.distributed.barrier(group=collectives.cpu_group())
+            collectives.all_reduce_max([0], collectives.agreement_group())  # a barrier
         for fn in self.finalize_fns:
             fn()
 
