@@ -161,9 +161,28 @@ def subgroups(specs: Iterable[tuple[str, Sequence[int]]], timeout: datetime.time
     return [_cache[k] for k in keys]
 
 
-#: Largest agreement group: a gloo all_reduce walks a ring of its members, so 64 members cost
-#: ~126 hops of tens of microseconds; ceil(log64 W) levels cover 262,144 ranks with three.
-TREE_FANOUT = 64
+#: Largest agreement group. A gloo all_reduce walks a ring of its members (2(f-1) hops) and a tree
+#: of them takes ceil(log_f W) levels up and one fewer down: f=8 costs ~120 hops at 100k ranks (f=64:
+#: ~500), level 0 is typically one node, and creating groups costs the store ~8 gets per rank.
+TREE_FANOUT = 8
+
+
+def tree_blocks(position: int, n: int, fanout: int) -> tuple[int, list[tuple[int, tuple[int, ...]]]]:
+    """The shape of a :class:`GroupTree` over ``n`` ranks, pure: (number of levels, and for the
+    member at ``position`` each level it is in with that level's group as member positions,
+    lowest level first). Level l holds the positions divisible by ``fanout**l``, cut into
+    consecutive blocks of ``fanout``."""
+    levels = 0
+    while fanout ** levels < n:
+        levels += 1
+    mine = []
+    for level in range(levels):
+        step = fanout ** level
+        if position % step:
+            break
+        start = position - position % (step * fanout)
+        mine.append((level, tuple(range(start, min(start + step * fanout, n), step))))
+    return levels, mine
 
 
 class GroupTree:
@@ -187,21 +206,9 @@ class GroupTree:
             raise ValueError(f"GroupTree fanout must be >= 2, got {fanout}")
         self.rank = dist.get_rank()
         self.index = p = self.ranks.index(self.rank)
-        n = len(self.ranks)
-        self.levels = 0  # number of levels of the whole tree
-        while fanout ** self.levels < n:
-            self.levels += 1
-        specs = []  # the groups this rank is in, lowest level first (size-1 groups left out)
-        self._mine: list[tuple[int, tuple[int, ...]]] = []  # (level, member positions)
-        for level in range(self.levels):
-            step = fanout ** level
-            if p % step:
-                break
-            start = p - p % (step * fanout)
-            members = tuple(range(start, min(start + step * fanout, n), step))
-            self._mine.append((level, members))
-            if len(members) > 1:
-                specs.append((f"agree{fanout}/L{level}", [self.ranks[q] for q in members]))
+        self.levels, self._mine = tree_blocks(p, len(self.ranks), fanout)
+        specs = [(f"agree{fanout}/L{level}", [self.ranks[q] for q in members])
+                 for level, members in self._mine if len(members) > 1]
         made = iter(subgroups(specs)) if specs else iter(())
         self._groups = [next(made) if len(m) > 1 else None for _, m in self._mine]
         self.timeout = self._groups[0].timeout if self._groups and self._groups[0] is not None else job_timeout()

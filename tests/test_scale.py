@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasd.bench.scale import Case, ModelWorld, simulate
+from tasd.bench.scale import REQUESTS_PER_MEMBERSHIP, Case, ModelWorld, group_cost, simulate, tree_levels
+from tasd.managers import subgroups
 from tasd.managers.recovery import choose
 from tests.test_recovery_plan import ThreadWorld
 
@@ -45,3 +46,23 @@ def test_the_scale_scenario_reports_each_world_with_its_payload_and_model(tmp_pa
     assert res.x == "world" and all(f.times_s and f.times_s[0] > 0 for f in res.figures)
     assert "4,096 ranks, 40 lost: 4 all_reduces carrying" in res.notes[0] and "gloo tree" in res.notes[0]
     assert "target at 100,000 ranks: payload 33.0 KB <= 64 KB per rank: met" in res.notes[-1]
+    assert "one agreement (a save step, or the async queue's poll" in res.notes[1]
+    assert "ms on tasd's tree of 4 levels of <= 8-rank gloo groups" in res.notes[1]
+    assert any(n.startswith("target at 100,000 ranks: one agreement") and n.endswith("< 50 ms: met")
+               for n in res.notes)
+
+
+@pytest.mark.parametrize("world,fanout", [(2, 2), (7, 2), (64, 8), (100, 8), (513, 8), (1000, 64)])
+def test_the_group_model_counts_the_groups_the_tree_and_strategies_make(world, fanout):
+    shapes = [subgroups.tree_blocks(p, world, fanout) for p in range(world)]
+    assert tree_levels(world, fanout) == max(shapes[0][0], 1)
+    tree = sum(1 for _, mine in shapes for _, members in mine if len(members) > 1)
+    most = max(len(mine) for _, mine in shapes)
+    widest = max((len(members) for _, mine in shapes for _, members in mine), default=1)
+    assert widest <= fanout
+    for strategy, exchange in (("ring", 2 * world), ("clique", world)):  # factor 2: pairs / cliques of 2
+        cost = group_cost(world, strategy, 2, fanout)
+        assert cost.store_requests == (tree + exchange) * REQUESTS_PER_MEMBERSHIP
+        assert cost.groups_per_rank == most + (2 if strategy == "ring" else 1)
+    if world >= 64:
+        assert cost.connections_per_rank < world // 2 and cost.world_connections_per_rank == world - 1

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tasd.managers import subgroups
 from tasd.managers.collectives import rank_bitmap
 from tasd.managers.recovery import Holding, choose
 
@@ -32,8 +33,12 @@ GLOO_HOP_S = 20e-6
 NCCL_HOP_S = 10e-6
 #: Bandwidth of one TCP connection, bytes per second.
 GLOO_BYTES_PER_S = 5e9
-#: Largest gloo group of the planned tree of groups (each level's all_reduce is a ring over at most this many).
-TREE_FANOUT = 64
+#: Software cost of one gloo operation on the calling rank (Python call, gloo dispatch), seconds.
+OP_OVERHEAD_S = 50e-6
+#: Requests per second the job's TCPStore serves, all clients together: an assumption for a store on a
+#: host of its own (one process; on the 2-core development VM, with 4 clients on the same cores, it
+#: served 38,000 gets/s).
+STORE_OPS_PER_S = 100_000
 
 
 @dataclass(frozen=True)
@@ -129,18 +134,76 @@ class _Replay:
         return out
 
 
+def tree_levels(world: int, fanout: int | None = None) -> int:
+    """Levels of :class:`tasd.managers.subgroups.GroupTree` over ``world`` ranks (at least one)."""
+    return max(subgroups.tree_blocks(0, world, fanout or subgroups.TREE_FANOUT)[0], 1)
+
+
+def tree_all_reduce_s(world: int, nbytes: int, fanout: int | None = None) -> float:
+    """Modelled seconds of one all_reduce of ``nbytes`` on the agreement tree, for the rank that
+    waits longest (a leaf): a gloo ring all_reduce per level up (2(f-1) hops, ~2 x nbytes per
+    connection), then a broadcast per level down (the root sends to each of the others:
+    counted as f-1 hops), plus :data:`OP_OVERHEAD_S` per operation."""
+    f = fanout or subgroups.TREE_FANOUT
+    levels = tree_levels(world, f)
+    up = levels * (2 * (f - 1) * GLOO_HOP_S + 2 * nbytes / GLOO_BYTES_PER_S)
+    down = (levels - 1) * (f - 1) * (GLOO_HOP_S + nbytes / GLOO_BYTES_PER_S)
+    return up + down + (2 * levels - 1) * OP_OVERHEAD_S
+
+
 def latency_model(calls: list[tuple[str, int]], world: int) -> dict[str, float]:
     """Modelled seconds for ``calls`` ((op, bytes) all_reduces) on three transports: a gloo ring
     over the world (2(W-1) hops), NCCL (about 2 log2 W hops, plus a device synchronization not
-    counted here), and a tree of gloo groups of at most TREE_FANOUT ranks (a ring per level, up
-    and down)."""
-    levels = max(1, int(np.ceil(np.log(world) / np.log(TREE_FANOUT))))
+    counted here), and tasd's tree of gloo groups (:func:`tree_all_reduce_s`)."""
     out = {"gloo_ring_s": 0.0, "nccl_s": 0.0, "gloo_tree_s": 0.0}
     for _, nbytes in calls:
-        out["gloo_ring_s"] += 2 * (world - 1) * GLOO_HOP_S + 2 * nbytes / GLOO_BYTES_PER_S
+        out["gloo_ring_s"] += 2 * (world - 1) * GLOO_HOP_S + 2 * nbytes / GLOO_BYTES_PER_S + OP_OVERHEAD_S
         out["nccl_s"] += 2 * np.log2(max(world, 2)) * NCCL_HOP_S
-        out["gloo_tree_s"] += 2 * levels * (2 * (TREE_FANOUT - 1) * GLOO_HOP_S + 2 * nbytes / GLOO_BYTES_PER_S)
+        out["gloo_tree_s"] += tree_all_reduce_s(world, nbytes)
     return out
+
+
+@dataclass
+class GroupCost:
+    """What creating tasd's groups costs at one world size: the most groups and connections any
+    rank has (rank 0, in every level of the tree), the store requests of all ranks together and
+    the seconds those take at :data:`STORE_OPS_PER_S`; and the same for one gloo group over the
+    world (each member: a connection to every other one)."""
+
+    groups_per_rank: int
+    connections_per_rank: int
+    store_requests: int
+    seconds: float
+    world_connections_per_rank: int
+    world_store_requests: int
+    world_seconds: float
+
+
+#: Store requests one member makes to join a gloo group (torch 2.13: a new client connection, its
+#: address set, the others' fetched with one multi_get, a wait) and, for a world group, the gets
+#: of a store without multi_get: one per other member.
+REQUESTS_PER_MEMBERSHIP = 4
+
+
+def group_cost(world: int, strategy: str = "ring", factor: int = 2, fanout: int | None = None) -> GroupCost:
+    """:class:`GroupCost` of the agreement tree plus the replication strategy's exchange groups
+    (clique: one group of F per clique; ring: one 2-rank group per pair of peers)."""
+    f = fanout or subgroups.TREE_FANOUT
+    levels = tree_levels(world, f)
+    memberships, participants = 0, world
+    for _ in range(levels):  # blocks of f participants; a last block of one is no group
+        memberships += participants - (1 if participants % f == 1 else 0)
+        participants = -(-participants // f)
+    if strategy == "clique":
+        groups, conns = levels + 1, levels * (f - 1) + factor - 1
+        memberships += world
+    else:
+        groups, conns = levels + 2 * (factor - 1), levels * (f - 1) + 2 * (factor - 1)
+        memberships += 2 * world * (factor - 1)
+    requests = memberships * REQUESTS_PER_MEMBERSHIP
+    world_requests = world * (REQUESTS_PER_MEMBERSHIP + world - 1)
+    return GroupCost(groups, conns, requests, requests / STORE_OPS_PER_S, world - 1, world_requests,
+                     world_requests / STORE_OPS_PER_S)
 
 
 @dataclass

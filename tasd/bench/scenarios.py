@@ -295,7 +295,19 @@ def scale(cfg: ScaleConfig, ctx: Context) -> ScenarioResult:
         legacy = (f" (the JSON gather: {r.json_bytes_per_rank / 1e6:,.1f} MB)" if r.json_bytes_per_rank else "")
         notes.append(f"{world:,} ranks, {r.lost_ranks:,} lost: {len(r.calls)} all_reduces carrying "
                      f"{r.bytes_per_rank / 1e3:,.1f} KB per rank{legacy}; modelled latency of those: {model}")
+        step = sim.latency_model([("max", 32)], world)
+        groups = sim.group_cost(world, cfg.strategy, cfg.factor)
+        notes.append(f"{world:,} ranks: one agreement (a save step, or the async queue's poll per training step "
+                     f"while a save is pending: all_reduce of 32 bytes) {step['gloo_tree_s'] * 1e3:,.1f} ms on "
+                     f"tasd's tree of {sim.tree_levels(world)} levels of <= {sim.subgroups.TREE_FANOUT}-rank gloo "
+                     f"groups ({step['gloo_ring_s']:,.2f} s on one world gloo group); creating tasd's groups: at "
+                     f"most {groups.groups_per_rank} groups and {groups.connections_per_rank} connections per rank, "
+                     f"{groups.store_requests:,} store requests in all, {groups.seconds:,.1f} s at "
+                     f"{sim.STORE_OPS_PER_S:,} requests/s, once per process (one world gloo group: "
+                     f"{groups.world_connections_per_rank:,} connections per rank, {groups.world_seconds:,.0f} s)")
         if world == 100_000:
+            notes.append(f"target at 100,000 ranks: one agreement {step['gloo_tree_s'] * 1e3:.1f} ms < 50 ms: "
+                         f"{'met' if step['gloo_tree_s'] < 0.05 else 'missed'}")
             notes.append(f"target at 100,000 ranks: payload {r.bytes_per_rank / 1e3:.1f} KB <= 64 KB per rank: "
                          f"{'met' if r.bytes_per_rank <= 64_000 else 'missed'}; planning "
                          f"{max(r.holder_s, r.lost_s) * 1e3:.1f} ms < 100 ms (1% of the ranks lost): "
