@@ -165,10 +165,10 @@ class BaseCheckpointManager(ABC):
 
     # -- groups -------------------------------------------------------------------------------------
     def _groups_ready(self) -> Any:
-        """tasd's agreement group (and the strategy's exchange group), created on the first
+        """tasd's agreement group (and the strategy's exchange groups), created on the first
         collective call, on the calling thread; returns the agreement group."""
         if self.repl_strategy is not None:
-            self.repl_strategy.group  # noqa: B018 - creates a lazy strategy's group here, not in a thread
+            self.repl_strategy.exchange_groups  # noqa: B018 - creates a lazy strategy's groups here, not in a thread
         return collectives.agreement_group()
 
     def _agree_or_raise(self, error: BaseException | None, iteration: int, what: str, extra: int = 0) -> int:
@@ -437,13 +437,13 @@ class BaseCheckpointManager(ABC):
                         damaged.append([iteration, save_id, self.rank, t.owner])
         except Exception as e:
             error = e
-        if plan:  # every rank takes part; a rank that failed to open a part says so before data moves
+        if plan:  # the ranks of its transfers take part; one that failed to open a part says so before data moves
             try:
-                received = exchange_parts(plan, outgoing, group=self.repl_strategy.group, failure=error)
+                received = exchange_parts(plan, outgoing, self.repl_strategy.exchange_groups, failure=error)
                 if self.rank in needs:
                     sd = self._load_part(iteration, received[self.rank].decode(
                         f"part of rank {self.rank} received for iteration {iteration}"))
-            except ExchangeAborted:  # another rank's failure or damaged part: it reports it
+            except ExchangeAborted:  # a peer's failure or damaged part: it reports it in the agreement below
                 aborted = True
             except TransferDamaged as e:  # read by its holder, or validated here, as it moved
                 error = error or e

@@ -9,7 +9,9 @@ a failure anywhere becomes an error on every rank and removes the iteration's fi
    iteration, and the save id: the maximum of every rank's random draw).
 2. **replicate** (with a strategy; inline for a synchronous save, in the manager's background
    thread for an asynchronous one): encode the part, exchange parts with the peers on the
-   strategy's gloo group, store the received parts unpublished (``.pending``).
+   strategy's exchange groups (pairwise with each peer: a failure on one rank calls off only its
+   transfers, and its peers record an ExchangeAborted), store the received parts unpublished
+   (``.pending``). A failure here is reported in step 4's agreement.
 3. **store** this rank's own part unpublished: inline, or the AsyncRequest's ``async_fn`` in a
    worker process.
 4. **finalize** (collective, training thread): wait for 2, check 3 happened, agree everyone stored;
@@ -100,10 +102,13 @@ class SaveJob:
 
     # -- 2. replicate ------------------------------------------------------------------------------
     def replicate(self) -> None:
-        """Encode this rank's part, exchange parts with peers (collective over the strategy's
-        group: every rank runs it, also after a local failure) and store the received ones,
-        unpublished. Records a failure in ``error`` instead of raising (may run in the background
-        thread, which must touch no CUDA state and no group but the strategy's)."""
+        """Encode this rank's part, exchange parts with its peers (pairwise on the strategy's
+        exchange groups: every rank with peers runs it, also after a local failure, so that its
+        peers learn of the failure instead of waiting for its part) and store the received ones,
+        unpublished. Records a failure in ``error`` instead of raising: this rank's own, or
+        ExchangeAborted when a peer failed (that peer records its own). May run in the background
+        thread, which must touch no CUDA state and no group but the strategy's exchange groups
+        (created beforehand, on the training thread)."""
         m = self.manager
         t = time.perf_counter()
         failure = None
@@ -119,7 +124,7 @@ class SaveJob:
             plan = ([Transfer(rank, rank, h) for h in strategy.holders(rank, world)]
                     + [Transfer(o, o, rank) for o in strategy.held_owners(rank, world)])
             outgoing = {} if failure is not None else {rank: OutgoingPart(self.prefix, self.staged.buffer)}
-            got = exchange_parts(plan, outgoing, group=strategy.group, pool=m.receive_pool, failure=failure)
+            got = exchange_parts(plan, outgoing, strategy.exchange_groups, pool=m.receive_pool, failure=failure)
             received = [got[o] for o in sorted(got)]
             t1 = time.perf_counter()
             self.stats.exchange_s = t1 - t

@@ -1,4 +1,5 @@
-"""The exchange layer: whole parts moved between real ranks (processes, gloo) and validated."""
+"""The exchange layer: whole parts moved between real ranks (processes, gloo groups among peers)
+and validated; the pairwise protocol calls off only a failing rank's own transfers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.distributed as dist
 
 from tasd import BasicTensorAwareStateDict
 from tasd.launch import RankFailure, run_ranks
-from tasd.managers import CorruptCheckpointError
+from tasd.managers import CorruptCheckpointError, subgroups
 from tasd.managers.exchange import OutgoingPart, Transfer, exchange_parts
 from tasd.managers.fileformat import PartMeta, encode_prefix
 from tasd.serialization import dumps
@@ -38,9 +39,20 @@ def as_state(received) -> dict:
     return part.hollow.state_dict
 
 
+def pair_groups(rank: int, plan) -> dict:
+    """peer -> a 2-rank tasd group, for every peer of ``rank``'s transfers in ``plan`` (as the ring
+    strategy makes them; collective over each pair)."""
+    peers = sorted({t.dst for t in plan if t.src == rank} | {t.src for t in plan if t.dst == rank} - {rank})
+    return dict(zip(peers, subgroups.subgroups([("test-exchange", sorted((rank, p))) for p in peers])))
+
+
+def exchange(plan, outgoing, **kw):
+    return exchange_parts(plan, outgoing, pair_groups(dist.get_rank(), plan), **kw)
+
+
 def ring_exchange(rank, world):
     plan = [Transfer(r, r, (r + 1) % world) for r in range(world)]
-    got = exchange_parts(plan, {rank: outgoing_part(rank, world)})
+    got = exchange(plan, {rank: outgoing_part(rank, world)})
     (owner, part), = got.items()
     assert owner == (rank - 1) % world and part.header.meta.owner_rank == owner
     assert_same(as_state(part), state_of(owner))
@@ -54,7 +66,7 @@ def two_parts_one_pair(rank, world):
     # rank 0 holds its own part and a replica of rank 2's; it sends both to rank 1 in one plan
     plan = [Transfer(0, 0, 1), Transfer(2, 0, 1), Transfer(1, 1, 2)]
     mine = {0: {0: outgoing_part(0, world), 2: outgoing_part(2, world)}, 1: {1: outgoing_part(1, world)}, 2: {}}
-    got = exchange_parts(plan, mine[rank], chunk_bytes=512)  # small chunks: several rounds
+    got = exchange(plan, mine[rank], chunk_bytes=512)  # small chunks: several rounds
     expected = {0: [], 1: [0, 2], 2: [1]}[rank]
     assert sorted(got) == expected
     for owner in expected:
@@ -70,7 +82,7 @@ def tampered(rank, world):
     if rank == 0:
         part.buffer[100] ^= 1  # the data no longer matches the checksums in the prefix
     try:
-        exchange_parts([Transfer(0, 0, 1), Transfer(1, 1, 0)], {rank: part})
+        exchange([Transfer(0, 0, 1), Transfer(1, 1, 0)], {rank: part})
     except CorruptCheckpointError as e:
         return str(e)
     return None
@@ -84,19 +96,31 @@ def test_corruption_in_transit_is_detected(ranks):
 
 def count_ops(rank, world, n_tensors):
     counted = []
-    real = dist.batch_isend_irecv
-    dist.batch_isend_irecv = lambda ops: counted.append(len(ops)) or real(ops)
+    plan = [Transfer(0, 0, 1), Transfer(1, 1, 0)]
+    groups = pair_groups(rank, plan)
+    real = {name: getattr(subgroups.Subgroup, name) for name in ("send", "recv", "all_reduce", "broadcast")}
+
+    def spy(name):
+        def call(self, *args, **kwargs):
+            counted.append((name, self.size))
+            return real[name](self, *args, **kwargs)
+        return call
+    for name in real:
+        setattr(subgroups.Subgroup, name, spy(name))
     try:
-        exchange_parts([Transfer(0, 0, 1), Transfer(1, 1, 0)], {rank: outgoing_part(rank, world, n_tensors)})
+        exchange_parts(plan, {rank: outgoing_part(rank, world, n_tensors)}, groups)
     finally:
-        dist.batch_isend_irecv = real
-    return sum(counted)
+        for name, fn in real.items():
+            setattr(subgroups.Subgroup, name, fn)
+    return counted
 
 
 def test_operation_count_does_not_grow_with_tensor_count(ranks):
     few = ranks(count_ops, 2, 1)
     many = ranks(count_ops, 2, 2000)
-    assert few == many == [6, 6]  # sizes, prefix, one data chunk: one send and one receive each
+    # sizes, ready flag, prefix, one data chunk: one send and one receive each; no collective
+    for ops in few + many:
+        assert sorted(ops) == sorted([("send", 2), ("recv", 2)] * 4), ops
 
 
 def lazily_filled(rank, world, fail):
@@ -119,7 +143,7 @@ def lazily_filled(rank, world, fail):
         part = OutgoingPart(part.prefix, part.buffer, fill)
     t0 = time.monotonic()
     try:
-        got = exchange_parts([Transfer(0, 0, 1)], {0: part} if rank == 0 else {}, chunk_bytes=1024)
+        got = exchange([Transfer(0, 0, 1)], {0: part} if rank == 0 else {}, chunk_bytes=1024)
     except Exception as e:
         return calls, f"{type(e).__name__}: {e}", getattr(e, "transfers", None), time.monotonic() - t0
     if rank == 1:
@@ -149,40 +173,142 @@ class FailingPool(HostBufferPool):
         raise MemoryError(f"cannot allocate {nbytes} bytes (injected)")
 
 
-def one_rank_cannot_prepare(rank, world, where):
+def spy_data(moved: list):
+    """Record (src, dst) of every prefix or data send (tags 1, 2 mod 4) made on tasd groups;
+    returns a function that undoes it."""
+    real = subgroups.Subgroup.send
+
+    def send(self, t, dst, tag):
+        if tag % 4 in (1, 2):
+            moved.append((self.rank, dst))
+        return real(self, t, dst, tag)
+    subgroups.Subgroup.send = send
+    return lambda: setattr(subgroups.Subgroup, "send", real)
+
+
+def run_failing(rank, world, plan, failing: int, where: str):
+    """Run ``plan`` with rank ``failing`` failing to prepare (``failure`` given) or to allocate
+    (its receive pool raises); returns (error, seconds, bytes left in the pool, parts received,
+    (src, dst) of the prefix/data sends this rank made), then a clean exchange on the same pairs
+    (nothing left in flight: the groups still pair their operations)."""
     import time
-    plan = [Transfer(r, r, (r + 1) % world) for r in range(world)]
-    pool = FailingPool() if (where == "allocate" and rank == 1) else HostBufferPool()
-    failure = ValueError("staging failed (injected)") if (where == "prepare" and rank == 1) else None
-    outgoing = {} if failure else {rank: outgoing_part(rank, world)}
+    groups = pair_groups(rank, plan)
+    pool = FailingPool() if (where == "allocate" and rank == failing) else HostBufferPool()
+    failure = ValueError("staging failed (injected)") if (where == "prepare" and rank == failing) else None
+    outgoing = {} if failure else {t.owner: outgoing_part(t.owner, world) for t in plan if t.src == rank}
+    moved: list = []
+    undo = spy_data(moved)
     t0 = time.monotonic()
+    got, error = {}, None
     try:
-        exchange_parts(plan, outgoing, pool=pool, failure=failure)
+        got = exchange_parts(plan, outgoing, groups, pool=pool, failure=failure)
+        for owner, part in got.items():
+            assert_same(as_state(part), state_of(owner))
+            pool.release(part.buffer)
     except Exception as e:
-        error = f"{type(e).__name__}: {e}"
-    else:
-        error = None
-    t = torch.ones(1)
-    dist.all_reduce(t)  # nothing is left in flight: the group still pairs its collectives
-    return error, time.monotonic() - t0, pool.in_use_bytes
+        error = (type(e).__name__, str(e), getattr(e, "peers", None))
+    finally:
+        undo()
+    elapsed, in_use = time.monotonic() - t0, pool.in_use_bytes
+    again = exchange_parts(plan, {t.owner: outgoing_part(t.owner, world) for t in plan if t.src == rank}, groups)
+    return error, elapsed, in_use, sorted(got), moved, sorted(again)
+
+
+class FailingPool(HostBufferPool):
+    def acquire(self, nbytes):
+        raise MemoryError(f"cannot allocate {nbytes} bytes (injected)")
 
 
 @pytest.mark.parametrize("where", ["allocate", "prepare"])
-def test_a_rank_that_cannot_prepare_calls_the_exchange_off_everywhere(ranks, where):
-    out = ranks(one_rank_cannot_prepare, 3, where)
-    for rank, (error, elapsed, in_use) in enumerate(out):
+def test_a_rank_that_cannot_prepare_calls_off_only_its_transfers(ranks, where):
+    # two pairs, 0 <-> 1 and 2 <-> 3; rank 1 fails
+    plan = [Transfer(0, 0, 1), Transfer(1, 1, 0), Transfer(2, 2, 3), Transfer(3, 3, 2)]
+    out = ranks(run_failing, 4, plan, 1, where)
+    for rank, (error, elapsed, in_use, got, moved, again) in enumerate(out):
         assert elapsed < 5, "no rank waits for a timeout"
         assert in_use == 0, "buffers acquired before the call-off are released"
-        if rank == 1:
-            assert error.startswith("MemoryError" if where == "allocate" else "ValueError")
-        else:
-            assert error.startswith("ExchangeAborted") and "rank(s) [1]" in error and "injected" in error
+        assert again == [{0: 1, 1: 0, 2: 3, 3: 2}[rank]], "the groups still work afterwards"
+    (e0, *_, moved0, _), (e1, *_, moved1, _) = out[0], out[1]
+    assert e1[0] == ("MemoryError" if where == "allocate" else "ValueError") and "injected" in e1[1]
+    assert e0[0] == "ExchangeAborted" and e0[2] == [1] and "rank(s) [1]" in e0[1]
+    assert moved0 == [], "rank 0 sends no data to a rank that is not ready"
+    if where == "prepare":
+        assert "rank 1 (sending the part of rank 1) failed to prepare" in e0[1]
+        assert moved1 == [], "a rank that failed to prepare sends nothing"
+    else:  # rank 1 prepared before it failed to allocate: its own part still goes to rank 0
+        assert "rank 1 (receiving the part of rank 0) was not ready" in e0[1]
+        assert moved1 and set(moved1) == {(1, 0)}
+    for rank in (2, 3):
+        error, _, _, got, moved, _ = out[rank]
+        assert error is None and got == [5 - rank], "ranks that do not exchange with rank 1 complete theirs"
+        assert moved and set(moved) == {(rank, 5 - rank)}
+
+
+def test_a_receiver_that_cannot_allocate_calls_off_only_its_transfers(ranks):
+    # a ring 0 -> 1 -> 2 -> 3 -> 0; rank 2 cannot allocate the part of rank 1
+    plan = [Transfer(r, r, (r + 1) % 4) for r in range(4)]
+    out = ranks(run_failing, 4, plan, 2, "allocate")
+    errors = [o[0] for o in out]
+    assert errors[2][0] == "MemoryError"
+    assert errors[1][0] == "ExchangeAborted" and errors[1][2] == [2]
+    assert "rank 2 (receiving the part of rank 1) was not ready" in errors[1][1]
+    assert errors[0] is None and out[0][3] == [3], "3 -> 0 moved"
+    assert errors[3] is None and out[3][3] == [2], "2 -> 3 moved: rank 2 prepared before it failed"
+    assert out[1][3] == [], "rank 1 received rank 0's part but raises: nothing is returned"
+    assert [o[4] and set(o[4]) for o in out] == [{(0, 1)}, [], {(2, 3)}, {(3, 0)}], "1 -> 2 did not move"
+    for _, elapsed, in_use, *_ in out:
+        assert elapsed < 5 and in_use == 0
+
+
+def outside_the_plan(rank, world):
+    """Rank 2 is in no transfer: it makes no call on any group (returns {}, or raises its own
+    failure). Then ranks 0 and 1 exchange without groups for each other: both fail at once."""
+    import time
+    plan = [Transfer(0, 0, 1), Transfer(1, 1, 0)]
+    groups = pair_groups(rank, plan)
+    calls: list = []
+    real = subgroups.Subgroup.send, subgroups.Subgroup.recv
+    subgroups.Subgroup.send = lambda self, *a: calls.append("send") or real[0](self, *a)
+    subgroups.Subgroup.recv = lambda self, *a: calls.append("recv") or real[1](self, *a)
+    try:
+        got = exchange_parts(plan, {rank: outgoing_part(rank, world)}, groups)
+        own = None
+        if rank == 2:
+            try:
+                exchange_parts(plan, {}, {}, failure=ValueError("injected"))
+            except ValueError as e:
+                own = str(e)
+    finally:
+        subgroups.Subgroup.send, subgroups.Subgroup.recv = real
+    t0 = time.monotonic()
+    try:
+        exchange_parts(plan, {rank: outgoing_part(rank, world)}, {})
+        lacking = None
+    except ValueError as e:
+        lacking = str(e)
+    elapsed = time.monotonic() - t0
+    dist.all_reduce(torch.ones(1))  # rank 2 would be done before the others finished joining the world
+    return sorted(got), len(calls), own, lacking, elapsed
+
+
+def test_a_rank_outside_the_plan_does_nothing_and_missing_groups_fail_promptly(ranks):
+    out = ranks(outside_the_plan, 3)
+    assert [o[0] for o in out] == [[1], [0], []]
+    assert out[2][1] == 0 and out[2][2] == "injected"
+    assert out[0][1] == out[1][1] == 8
+    assert "rank 0 has no exchange group with peer rank(s) [1]" in out[0][3]
+    assert "rank 1 has no exchange group with peer rank(s) [0]" in out[1][3]
+    assert out[2][3] is None
+    assert all(o[4] < 5 for o in out)
 
 
 def dead_peer(rank, world):
+    plan = [Transfer(0, 0, 1), Transfer(1, 1, 0)]
+    groups = pair_groups(rank, plan)
+    exchange_parts(plan, {rank: outgoing_part(rank, world)}, groups)  # both ends are connected and working
     if rank == 1:
-        os._exit(3)
-    exchange_parts([Transfer(0, 0, 1), Transfer(1, 1, 0)], {0: outgoing_part(0, world)})
+        os._exit(3)  # the peer dies between two exchanges
+    exchange_parts(plan, {rank: outgoing_part(rank, world)}, groups)
 
 
 def test_dead_peer_fails_the_exchange_instead_of_hanging():
@@ -190,3 +316,4 @@ def test_dead_peer_fails_the_exchange_instead_of_hanging():
         run_ranks(dead_peer, 2, collective_timeout_s=5, timeout_s=60)
     assert "exit code 3" in info.value.failures[1]
     assert "was killed" not in info.value.failures[0], "rank 0 must fail on its own, not be killed"
+    assert "PeerUnreachableError" in info.value.failures[0]

@@ -80,6 +80,31 @@ def test_every_tolerable_node_loss_is_recovered_bit_exactly(tmp_path, world, str
         assert run_ranks(restore, world, tmp_path, strategy, timeout_s=120) == [2] * world, f"lost {lost}"
 
 
+def save_with_ring_pairs(rank, world, root, strategy, steps):
+    names, held = save_steps(rank, world, root, strategy, steps)
+    m = manager(root, strategy)
+    m.find_latest()  # makes the lazy strategy's groups, as the saves did in the first manager
+    return names, held, sorted({g.ranks for g in m.repl_strategy.exchange_groups.values()})
+
+
+def test_ring_of_three_on_four_ranks_replicates_and_recovers_on_pair_groups(tmp_path):
+    strategy = {"strategy": "ring", "replication_jump": 1, "replication_factor": 3}
+    saved = run_ranks(save_with_ring_pairs, 4, tmp_path, strategy, [1, 2], timeout_s=120)
+    for rank, (names, held, groups) in enumerate(saved):
+        assert held == sorted([(rank - 1) % 4, (rank - 2) % 4])
+        assert names == sorted(f"iter_0000002_{o}_local.tasd" for o in [rank] + held)
+        assert groups == sorted(tuple(sorted((rank, p))) for p in range(4) if p != rank), \
+            "one 2-rank group per peer (three peers here), none over the world"
+    pristine = tmp_path.with_name(tmp_path.name + "-pristine")
+    shutil.copytree(tmp_path, pristine)
+    for lost in ([2], [0, 1], [1, 3]):  # up to F-1 = 2 nodes
+        shutil.rmtree(tmp_path)
+        shutil.copytree(pristine, tmp_path)
+        for r in lost:
+            shutil.rmtree(tmp_path / SESSION / str(r))
+        assert run_ranks(restore, 4, tmp_path, strategy, timeout_s=120) == [2] * 4, f"lost {lost}"
+
+
 def find_then_load(rank, world, root, strategy):
     m = manager(root, strategy)
     latest = m.find_latest()

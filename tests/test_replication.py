@@ -1,5 +1,5 @@
 """Replication placement (clique, ring), NVRx group parsing, ReplicationConfig, and the exchange
-process group on real ranks."""
+groups among peers on real ranks."""
 
 from __future__ import annotations
 
@@ -146,10 +146,10 @@ def test_settings_equality_repr_pickle():
     assert ring != CliqueReplicationStrategy(1, 2) and ring != "ring"
     assert len({ring, LazyRingReplicationStrategy(1, 2), clique}) == 2
     assert repr(clique) == "CliqueReplicationStrategy(replication_jump=2, replication_factor=3)"
-    assert ring.group is None  # no torch.distributed here
+    assert ring.exchange_groups == {} and ring._groups is None  # no torch.distributed here
     for s in (ring, clique, LazyCliqueReplicationStrategy(1, 2)):
         copy = pickle.loads(pickle.dumps(s))
-        assert copy == s and type(copy) is type(s)
+        assert copy == s and type(copy) is type(s) and copy._groups is None
 
 
 def test_no_replicas_error():
@@ -221,38 +221,81 @@ def test_mismatch_error_message():
     assert str(pickle.loads(pickle.dumps(e))) == str(e)
 
 
-# -- the exchange process group on real ranks -------------------------------------------------
+# -- the exchange groups on real ranks ----------------------------------------------------------
+
+def group_sums(strategy, rank):
+    """{group ranks: sum of (rank + 1) over the group, by an all_reduce on it} for each distinct
+    group of ``strategy``'s exchange groups (in ascending order of their ranks: the same order on
+    every member, so that overlapping groups cannot wait for each other)."""
+    groups = {g.ranks: g for g in strategy.exchange_groups.values()}
+    sums = {}
+    for ranks in sorted(groups):
+        t = torch.tensor([rank + 1])
+        groups[ranks].all_reduce(t, "sum")
+        sums[ranks] = int(t)
+    return sums
+
 
 def use_groups(rank, world):
-    eager = RingReplicationStrategy(1, 2)  # collective: all ranks construct it together
-    assert eager.group is not None
+    eager = RingReplicationStrategy(1, 2)  # collective: each rank and its peers construct it together
+    assert eager._groups is not None, "an eager strategy makes its groups at construction"
     lazy = LazyCliqueReplicationStrategy(1, world)
-    assert lazy._group is None  # nothing created until first use
-    sums = []
+    assert lazy._groups is None  # nothing created until first use
+    out = []
     for s in (eager, lazy):
-        g = s.group
-        assert g is s.group  # created once
-        assert dist.get_world_size(g) == world
-        assert dist.get_backend(g) == dist.get_backend()
-        # inherits the job's timeout (the ranks fixture's 20 s), not new_group's 30-minute default
-        assert collectives.group_timeout(g) == collectives.group_timeout() == datetime.timedelta(seconds=20)
-        t = torch.tensor([rank + 1])
-        dist.all_reduce(t, group=g)
-        sums.append(int(t))
+        groups = s.exchange_groups
+        assert groups is s.exchange_groups  # created once
+        assert sorted(groups) == s.peers(rank, world)
+        for peer, g in groups.items():
+            assert rank in g.ranks and peer in g.ranks
+            # inherits the job's timeout (the ranks fixture's 20 s), not a 30-minute default
+            assert g.timeout == collectives.group_timeout() == datetime.timedelta(seconds=20)
+        out.append(group_sums(s, rank))
     t = torch.tensor([1])
     dist.all_reduce(t)  # the default group still works alongside
-    sums.append(int(t))
-    return sums, lazy.holders(rank, world), eager.held_owners(rank, world)
+    copy = pickle.loads(pickle.dumps(eager))
+    assert copy._groups is None and copy.exchange_groups == eager.exchange_groups, "a copy gets the cached groups"
+    return out, int(t), lazy.holders(rank, world), eager.held_owners(rank, world)
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_strategy_group_on_ranks(ranks, world):
+def test_strategy_groups_on_ranks(ranks, world):
     results = ranks(use_groups, world)
-    total = world * (world + 1) // 2
-    for rank, (sums, holders, held) in enumerate(results):
-        assert sums == [total, total, world]
+    for rank, ((ring, clique), total, holders, held) in enumerate(results):
+        peers = sorted({(rank + 1) % world, (rank - 1) % world})
+        assert ring == {tuple(sorted((rank, p))): rank + p + 2 for p in peers}, "one 2-rank group per ring pair"
+        assert clique == {tuple(range(world)): world * (world + 1) // 2}, "one group over the clique"
+        assert total == world
         assert holders == [r for r in range(world) if r != rank]
         assert held == [(rank - 1) % world]
+
+
+def clique_groups(rank, world, jump):
+    s = CliqueReplicationStrategy(jump, 2)
+    return {peer: (g.purpose, g.ranks) for peer, g in s.exchange_groups.items()}, group_sums(s, rank)
+
+
+@pytest.mark.parametrize("jump", [1, 2])
+def test_a_clique_of_two_on_four_ranks_makes_only_its_own_two_rank_group(ranks, jump):
+    for rank, (groups, sums) in enumerate(ranks(clique_groups, 4, jump)):
+        mate = rank ^ 1 if jump == 1 else rank ^ 2
+        pair = tuple(sorted((rank, mate)))
+        assert groups == {mate: ("clique-exchange", pair)}, "one group, of the clique's 2 ranks, none over the world"
+        assert sums == {pair: sum(pair) + 2}
+
+
+def ring_groups(rank, world):
+    s = LazyRingReplicationStrategy(1, 3)
+    groups = s.exchange_groups  # lazy: made here, by every rank and its peers together
+    return {peer: (g.purpose, g.ranks) for peer, g in groups.items()}, group_sums(s, rank)
+
+
+def test_ring_of_three_on_four_ranks_makes_a_group_per_peer_pair(ranks):
+    for rank, (groups, sums) in enumerate(ranks(ring_groups, 4)):
+        peers = sorted({(rank + k) % 4 for k in (-2, -1, 1, 2)})  # holders r+1, r+2; owners r-1, r-2
+        assert groups == {p: ("ring-exchange", tuple(sorted((rank, p)))) for p in peers}
+        assert len(peers) == 3 and all(len(r) == 2 for r in sums)
+        assert sums == {tuple(sorted((rank, p))): rank + p + 2 for p in peers}
 
 
 def test_strategy_lookups_do_not_walk_the_world():
@@ -264,3 +307,7 @@ def test_strategy_lookups_do_not_walk_the_world():
     assert ring.holders(world - 1, world) == [7, 15] and ring.held_owners(3, world) == [world - 13, world - 5]
     for rank in (0, 5, 13, 16, 31):
         assert clique.group_of(rank, 32) == next(g for g in clique.groups(32) if rank in g)
+    # the exchange groups a rank would make: O(F) to compute, a few ranks each
+    assert clique.exchange_specs(13, world) == {5: ("clique-exchange", (5, 13))}
+    assert ring.peers(3, world) == [11, 19, world - 13, world - 5]
+    assert ring.exchange_specs(3, world) == {p: ("ring-exchange", tuple(sorted((3, p)))) for p in ring.peers(3, world)}

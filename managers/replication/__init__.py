@@ -1,7 +1,7 @@
 """Replication strategies: which ranks keep replicas of which rank's local checkpoint part.
 
-NVRx-compatible names; placement functions are pure, the exchange process group is collective
-(see :class:`ReplicationStrategy`).
+NVRx-compatible names; placement functions are pure, creating the exchange groups among peers is
+collective over their members (see :class:`ReplicationStrategy`).
 """
 
 from tasd.managers.replication.clique import CliqueReplicationStrategy, LazyCliqueReplicationStrategy

@@ -8,8 +8,10 @@ from tasd.managers.replication.strategy import ReplicationStrategy
 
 
 class CliqueReplicationStrategy(ReplicationStrategy):
-    """Groups from :func:`parse_group_sequence`; needs ``world_size % (J * F) == 0``. Constructing it
-    creates the exchange group when torch.distributed is initialized (collective on all ranks)."""
+    """Groups from :func:`parse_group_sequence`; needs ``world_size % (J * F) == 0``. A rank
+    exchanges parts on one gloo group over its clique (F ranks, purpose ``clique-exchange``).
+    Constructing it creates that group when torch.distributed is initialized (collective: every
+    member of each clique constructs it, in practice all ranks together)."""
 
     name = "clique"
 
@@ -41,9 +43,15 @@ class CliqueReplicationStrategy(ReplicationStrategy):
     def held_owners(self, rank: int, world_size: int) -> list[int]:
         return self.holders(rank, world_size)  # a clique is symmetric
 
+    def exchange_specs(self, rank: int, world_size: int) -> dict[int, tuple[str, tuple[int, ...]]]:
+        """Every peer of ``rank`` maps to the one group over its clique (:meth:`group_of`)."""
+        clique = tuple(self.group_of(rank, world_size))
+        return {p: ("clique-exchange", clique) for p in clique if p != rank}
+
 
 class LazyCliqueReplicationStrategy(CliqueReplicationStrategy):
-    """Clique replication whose exchange group is created on the first access of ``group``
-    (collective: that access must happen on all ranks together). Constructing it is local."""
+    """Clique replication whose exchange group is created on the first access of
+    ``exchange_groups`` (collective: that access must happen on all members of the clique
+    together). Constructing it is local."""
 
     lazy = True

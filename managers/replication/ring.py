@@ -10,8 +10,11 @@ from tasd.managers.replication.strategy import ReplicationStrategy
 
 class RingReplicationStrategy(ReplicationStrategy):
     """holders(owner) = [(owner + k*J) % W for k in 1..F-1]; works for any world size with
-    ``W // gcd(W, J) >= F`` (the F ranks r, r+J, ... are distinct). Constructing it creates the
-    exchange group when torch.distributed is initialized (collective on all ranks)."""
+    ``W // gcd(W, J) >= F`` (the F ranks r, r+J, ... are distinct). A rank exchanges parts with
+    each of its peers (r +- kJ, k < F) on a gloo group of those two ranks only (purpose
+    ``ring-exchange``): up to 2(F-1) groups per rank, whatever the world size. Constructing it
+    creates them when torch.distributed is initialized (collective: every rank and its peers
+    construct it together, in practice all ranks)."""
 
     name = "ring"
 
@@ -38,7 +41,8 @@ class RingReplicationStrategy(ReplicationStrategy):
 
 
 class LazyRingReplicationStrategy(RingReplicationStrategy):
-    """Ring replication whose exchange group is created on the first access of ``group``
-    (collective: that access must happen on all ranks together). Constructing it is local."""
+    """Ring replication whose exchange groups are created on the first access of
+    ``exchange_groups`` (collective: that access must happen on each rank and its peers together,
+    in practice all ranks). Constructing it is local."""
 
     lazy = True

@@ -1,18 +1,17 @@
-"""Replication strategy base: who stores a replica of whose checkpoint part, and the process group
-replica exchanges run on."""
+"""Replication strategy base: who stores a replica of whose checkpoint part, and the groups among
+peers that replica exchanges run on."""
 
 from __future__ import annotations
 
 import abc
 import logging
-from typing import Any
 
 import torch.distributed as dist
 
-from tasd.managers import collectives
-
+from tasd.managers import subgroups
 from tasd.managers.errors import CheckpointingException
 from tasd.managers.replication.groups import as_count, check_params
+from tasd.managers.subgroups import Subgroup
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +34,27 @@ class NoReplicasAvailableError(CheckpointingException):
 
 
 class ReplicationStrategy(abc.ABC):
-    """Which ranks keep a replica of which rank's checkpoint part.
+    """Which ranks keep a replica of which rank's checkpoint part, and the groups replicas move on.
 
-    ``holders``/``held_owners``/``check_world_size``/``settings`` are pure (not collective).
-    ``group`` is a gloo process group over all ranks dedicated to replica exchange: parts live in
-    host memory, so their traffic never goes through the GPU or the training's communicators, and
-    exchanges (which may run in a background thread) never interleave with other collectives.
-    Creating it is collective over the world and happens on the thread that first needs it: eager
-    strategies create it in ``__init__`` when torch.distributed is initialized (all ranks construct
-    the strategy together), lazy ones (``lazy = True``) on the first access of ``group``. The
-    managers access ``group`` at the start of their collective calls, on the calling (training)
-    thread, before any background work starts. ``group`` is None while torch.distributed is not
-    initialized (a world of one).
+    ``holders``/``held_owners``/``peers``/``exchange_specs``/``check_world_size``/``settings`` are
+    pure (not collective) and cost O(F) per call for the concrete strategies (never O(W)).
 
-    A pickled strategy drops its group; the copy creates a new one on first access of ``group``.
+    ``exchange_groups`` maps each peer of this rank (every rank it exchanges parts with: its
+    holders and the owners it holds for) to a :class:`~tasd.managers.subgroups.Subgroup`, a gloo
+    group of tasd's own among a few peers only (see :meth:`exchange_specs`): parts live in host
+    memory, so their traffic never goes through the GPU or the training's communicators,
+    exchanges (which may run in a background thread) never interleave with other collectives,
+    and no rank connects to more than its peers. Creating them is collective over the members of
+    each group (all created at once, concurrently, by one :func:`~tasd.managers.subgroups.subgroups`
+    call) and happens on the thread that first needs them: eager strategies create them in
+    ``__init__`` when torch.distributed is initialized and the world size fits the strategy (all
+    ranks construct the strategy together), lazy ones (``lazy = True``) on the first access of
+    ``exchange_groups``. The managers access ``exchange_groups`` at the start of their collective
+    calls, on the calling (training) thread, before any background work starts. It is empty while
+    torch.distributed is not initialized (a world of one).
+
+    A pickled strategy drops its groups; the copy creates them on first access of
+    ``exchange_groups`` (as a lazy strategy does).
     """
 
     name: str = ""  # "clique" or "ring", set by the concrete classes
@@ -57,9 +63,14 @@ class ReplicationStrategy(abc.ABC):
     def __init__(self, replication_jump: int = 1, replication_factor: int = 2):
         self.replication_jump, self.replication_factor, _ = check_params(replication_jump,
                                                                           replication_factor)
-        self._group: Any = None
-        if not self.lazy:
-            self._maybe_create_group()
+        self._groups: dict[int, Subgroup] | None = None  # None: not created yet
+        if not self.lazy and _distributed():
+            try:
+                self.check_world_size(dist.get_world_size())
+            except ValueError as e:  # no groups to make: the managers reject this world size
+                logger.debug("%r: no exchange groups created: %s", self, e)
+            else:
+                self._create_groups()
 
     @classmethod
     def from_replication_params(cls, replication_jump: int = 1,
@@ -112,22 +123,50 @@ class ReplicationStrategy(abc.ABC):
         return (f"{type(self).__name__}(replication_jump={self.replication_jump}, "
                 f"replication_factor={self.replication_factor})")
 
-    # -- process group --------------------------------------------------------------------------
-    @property
-    def group(self) -> Any:
-        """The replica-exchange process group (see the class docstring: creating it is collective);
-        None without torch.distributed."""
-        if self._group is None:
-            self._maybe_create_group()
-        return self._group
+    def peers(self, rank: int, world_size: int) -> list[int]:
+        """The ranks ``rank`` exchanges parts with (sorted, without ``rank``): its holders and the
+        owners it holds for. O(F) with the clique and ring lookups (the default
+        :meth:`held_owners` walks the world). Raises ValueError like :meth:`holders`."""
+        return sorted(set(self.holders(rank, world_size)) | set(self.held_owners(rank, world_size)))
 
-    def _maybe_create_group(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            # A dead or stuck peer must fail the exchange after the job's own timeout, not 30 min.
-            self._group = dist.new_group(backend="gloo", timeout=collectives.group_timeout())
-            logger.debug("%r: created its replica-exchange gloo group", self)
+    def exchange_specs(self, rank: int, world_size: int) -> dict[int, tuple[str, tuple[int, ...]]]:
+        """peer -> ``(purpose, ranks)`` of the group ``rank`` exchanges with that peer on, for every
+        peer in :meth:`peers` (several peers may share one group). Pure, as costly as
+        :meth:`peers`; symmetric: ``rank`` is given the same group for ``peer`` as ``peer`` is for
+        ``rank``. This default: one 2-rank group per pair of peers. Raises ValueError like
+        :meth:`holders`."""
+        return {p: (f"{self.name}-exchange", (min(rank, p), max(rank, p))) for p in self.peers(rank, world_size)}
+
+    # -- exchange groups --------------------------------------------------------------------------
+    @property
+    def exchange_groups(self) -> dict[int, Subgroup]:
+        """peer rank -> the :class:`~tasd.managers.subgroups.Subgroup` this rank exchanges parts
+        with it on, for every peer of this rank; empty without torch.distributed. Created on first
+        access when not yet created (collective over each group's members: see the class
+        docstring); later accesses are local. Raises ValueError when the world size does not fit
+        the strategy, RuntimeError (from gloo) when a peer does not arrive within the job's
+        timeout."""
+        if self._groups is None:
+            if not _distributed():
+                return {}
+            self._create_groups()
+            assert self._groups is not None
+        return self._groups
+
+    def _create_groups(self) -> None:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        specs = self.exchange_specs(rank, world)
+        distinct = list(dict.fromkeys(specs.values()))
+        made = dict(zip(distinct, subgroups.subgroups(distinct))) if distinct else {}
+        self._groups = {peer: made[spec] for peer, spec in specs.items()}
+        logger.debug("%r: rank %d exchanges with %d peer(s) on %d group(s): %s", self, rank, len(specs),
+                     len(made), list(made.values())[:8])
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_group"] = None  # process groups do not pickle
+        state["_groups"] = None  # process groups do not pickle
         return state
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()

@@ -72,7 +72,7 @@ def first_tensor(point: Point, rank: int) -> torch.Tensor:
 
 
 def tasd_strategy(point: Point) -> CliqueReplicationStrategy | None:
-    """tasd's clique strategy for ``point`` (collective: creates its process group), or None."""
+    """tasd's clique strategy for ``point`` (collective over each clique: creates its exchange group), or None."""
     return CliqueReplicationStrategy.from_replication_params(point.jump, point.factor) if point.factor > 1 else None
 
 
