@@ -8,7 +8,7 @@ from, is planned by :mod:`tasd.managers.recovery`.
 
 All of tasd's collectives run on process groups of its own, created on the calling (training)
 thread inside these collective calls: agreements on :func:`tasd.managers.collectives.agreement_group`
-(a tree of gloo groups of at most 64 ranks), replica and recovery traffic on the strategy's gloo
+(a tree of gloo groups of at most 8 ranks), replica and recovery traffic on the strategy's gloo
 groups among peers. Nothing
 here issues work on the training's communicators or waits for the GPU.
 """
