@@ -101,7 +101,7 @@ def name(purpose: str, ranks: Sequence[int]) -> str:
 
 
 _cache: dict[tuple[str, tuple[int, ...]], Subgroup] = {}
-_trees: dict[tuple[tuple[int, ...], int], "GroupTree"] = {}
+_trees: dict[tuple[Sequence[int], int], "GroupTree"] = {}
 _cache_owner: list[Any] = [None]  # the default process group the cache belongs to
 
 
@@ -200,7 +200,7 @@ class GroupTree:
     """
 
     def __init__(self, ranks: Sequence[int], fanout: int | None = None):
-        self.ranks = tuple(ranks)
+        self.ranks = ranks if isinstance(ranks, range) else tuple(ranks)  # the world: a range, O(1)
         self.fanout = fanout = TREE_FANOUT if fanout is None else int(fanout)
         if fanout < 2:
             raise ValueError(f"GroupTree fanout must be >= 2, got {fanout}")
@@ -237,7 +237,7 @@ class GroupTree:
 def group_tree(ranks: Sequence[int], fanout: int | None = None) -> GroupTree:
     """The cached :class:`GroupTree` over ``ranks`` (built on first use: collective over them)."""
     fanout = TREE_FANOUT if fanout is None else fanout
-    key = (tuple(ranks), fanout)
+    key = (ranks if isinstance(ranks, range) else tuple(ranks), fanout)
     _same_world()
     tree = _trees.get(key)
     if tree is None:
