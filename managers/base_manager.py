@@ -6,10 +6,11 @@ error on every rank. A save runs as a :class:`~tasd.managers.save_job.SaveJob`, 
 docstring gives the protocol in order; which checkpoint a restart loads, and where lost parts come
 from, is planned by :mod:`tasd.managers.recovery`.
 
-All of tasd's collectives run on process groups of its own, created on the calling (training)
-thread inside these collective calls: agreements on :func:`tasd.managers.collectives.agreement_group`
-(a tree of gloo groups of at most 8 ranks), replica and recovery traffic on the strategy's gloo
-groups among peers. Nothing
+All of tasd's collectives run on process groups of its own, created inside these collective calls:
+agreements on :func:`tasd.managers.collectives.agreement_group` (a tree of gloo groups of at most 8
+ranks, created on the calling thread), replica and recovery traffic on the strategy's gloo groups
+among peers (created in the background exchange thread from find_latest on, see
+``_prepare_exchange``). Nothing
 here issues work on the training's communicators or waits for the GPU.
 """
 
@@ -165,11 +166,32 @@ class BaseCheckpointManager(ABC):
 
     # -- groups -------------------------------------------------------------------------------------
     def _groups_ready(self) -> Any:
-        """tasd's agreement group (and the strategy's exchange groups), created on the first
-        collective call, on the calling thread; returns the agreement group."""
-        if self.repl_strategy is not None:
-            self.repl_strategy.exchange_groups  # noqa: B018 - creates a lazy strategy's groups here, not in a thread
+        """tasd's agreement tree, created on the first collective call, on the calling thread."""
         return collectives.agreement_group()
+
+    def _background(self) -> ThreadPoolExecutor:
+        """The one thread that runs exchanges in the background (and creates their groups)."""
+        if self._replicator is None:
+            self._replicator = ThreadPoolExecutor(1, thread_name_prefix="tasd-replicate")
+        return self._replicator
+
+    def _prepare_exchange(self) -> None:
+        """Start creating the strategy's exchange groups in the background thread, unless they
+        exist. Called by every rank at the same collective point (find_latest), so that a restart
+        that moves no part does not wait for them; whoever needs them first waits
+        (``exchange_groups`` is thread-safe), and a save's replication in the same thread runs
+        after them. A failure to create them is logged here and raised where they are needed."""
+        strategy = self.repl_strategy
+        if strategy is None or not collectives.is_distributed() or strategy._groups is not None:
+            return
+
+        def create() -> None:
+            try:
+                strategy.exchange_groups  # noqa: B018 - creates them
+            except Exception:
+                logger.warning("rank %d: creating the replica exchange groups failed (retried when they are needed)",
+                               self.rank, exc_info=True)
+        self._background().submit(create)
 
     def _agree_or_raise(self, error: BaseException | None, iteration: int, what: str, extra: int = 0) -> int:
         return agree_or_raise(error, iteration, what, self._groups_ready(), extra)
@@ -244,9 +266,7 @@ class BaseCheckpointManager(ABC):
             job.finalize()                                           # 4. agree, publish
             return None
         if self.repl_strategy is not None:                           # 2. in the background
-            if self._replicator is None:
-                self._replicator = ThreadPoolExecutor(1, thread_name_prefix="tasd-replicate")
-            job.replication = self._replicator.submit(job.replicate)
+            job.replication = self._background().submit(job.replicate)
         self._pending.append(job)
         job.stats.stall_s = time.perf_counter() - job.started
         return job.request()                                         # 3. in a worker; 4. its finalize
@@ -339,6 +359,7 @@ class BaseCheckpointManager(ABC):
                 except Exception as e:
                     error = e
         self._agree_or_raise(error, 0, "find_latest")
+        self._prepare_exchange()
         self._held = {(it, int(sid, 16)): h for (it, sid), h in held.items()}
         self._excluded = set()
         return self._choose()

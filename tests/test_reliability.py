@@ -50,7 +50,7 @@ def lazy_group_then_training_group(rank, world, root):
     return float(t)
 
 
-def test_lazy_strategy_group_is_made_on_the_training_thread(ranks, tmp_path):
+def test_tasd_groups_leave_the_training_free_to_make_its_own(ranks, tmp_path):
     assert ranks(lazy_group_then_training_group, 2, tmp_path) == [3.0, 3.0]
     assert run_ranks(load, 2, tmp_path, strategy=LazyRingReplicationStrategy(1, 2)) == [(1, 1.0), (1, 101.0)]
 

@@ -105,6 +105,45 @@ def test_ring_of_three_on_four_ranks_replicates_and_recovers_on_pair_groups(tmp_
         assert run_ranks(restore, 4, tmp_path, strategy, timeout_s=120) == [2] * 4, f"lost {lost}"
 
 
+def restart_recording_group_threads(rank, world, root, strategy, lose):
+    import threading
+    from tasd.managers import subgroups
+    made, real = [], subgroups.subgroups
+
+    def record(specs, *args, **kwargs):
+        specs = list(specs)
+        made.extend((purpose.split("/")[0], threading.current_thread().name) for purpose, _ in specs)
+        return real(specs, *args, **kwargs)
+
+    subgroups.subgroups = record
+    try:
+        latest = -1
+        for _ in range(2):  # the groups are cached for the process: a second manager creates none
+            m = manager(root, strategy)
+            latest = m.find_latest()
+            sd, _ = m.load()
+            assert_same(sd.state_dict, state(rank, latest))
+            m._background().submit(lambda: None).result()  # the background creation has run
+    finally:
+        subgroups.subgroups = real
+    return latest, made, sorted(p for p, _ in subgroups._cache if p.endswith("-exchange"))
+
+
+@pytest.mark.parametrize("lose", [False, True])
+def test_a_restart_creates_the_exchange_groups_off_the_training_thread(tmp_path, lose):
+    strategy = {"strategy": "ring", "replication_jump": 1, "replication_factor": 2}
+    run_ranks(save_steps, 2, tmp_path, strategy, [1, 2])
+    if lose:
+        shutil.rmtree(tmp_path / SESSION / "1")
+    for latest, made, exchange_groups in run_ranks(restart_recording_group_threads, 2, tmp_path, strategy, lose):
+        assert latest == 2
+        exchange = [thread for purpose, thread in made if purpose.endswith("-exchange")]
+        agreement = [thread for purpose, thread in made if purpose.startswith("agree")]
+        assert exchange and all(t.startswith("tasd-replicate") for t in exchange), made
+        assert agreement and all(t == "MainThread" for t in agreement), made
+        assert exchange_groups == ["ring-exchange"], "created once per process (one ring pair group on 2 ranks)"
+
+
 def find_then_load(rank, world, root, strategy):
     m = manager(root, strategy)
     latest = m.find_latest()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import threading
 
 import torch.distributed as dist
 
@@ -49,9 +50,12 @@ class ReplicationStrategy(abc.ABC):
     call) and happens on the thread that first needs them: eager strategies create them in
     ``__init__`` when torch.distributed is initialized and the world size fits the strategy (all
     ranks construct the strategy together), lazy ones (``lazy = True``) on the first access of
-    ``exchange_groups``. The managers access ``exchange_groups`` at the start of their collective
-    calls, on the calling (training) thread, before any background work starts. It is empty while
-    torch.distributed is not initialized (a world of one).
+    ``exchange_groups``. tasd's groups touch no torch.distributed state of the process (no
+    ``new_group``), so they may be created on any thread: the managers start the creation in
+    their background exchange thread at a collective point every rank reaches (find_latest, or
+    a save's replication), so that a restart that moves no part never waits for it; an exchange
+    on the training thread (a sync save, a load that recovers a part) waits for it. It is empty
+    while torch.distributed is not initialized (a world of one).
 
     A pickled strategy drops its groups; the copy creates them on first access of
     ``exchange_groups`` (as a lazy strategy does).
@@ -64,6 +68,7 @@ class ReplicationStrategy(abc.ABC):
         self.replication_jump, self.replication_factor, _ = check_params(replication_jump,
                                                                           replication_factor)
         self._groups: dict[int, Subgroup] | None = None  # None: not created yet
+        self._creating = threading.Lock()  # one creation at a time; later accessors wait for it
         if not self.lazy and _distributed():
             try:
                 self.check_world_size(dist.get_world_size())
@@ -143,13 +148,16 @@ class ReplicationStrategy(abc.ABC):
         """peer rank -> the :class:`~tasd.managers.subgroups.Subgroup` this rank exchanges parts
         with it on, for every peer of this rank; empty without torch.distributed. Created on first
         access when not yet created (collective over each group's members: see the class
-        docstring); later accesses are local. Raises ValueError when the world size does not fit
+        docstring); thread-safe: an access while another thread creates them waits for that
+        creation; later accesses are local. Raises ValueError when the world size does not fit
         the strategy, RuntimeError (from gloo) when a peer does not arrive within the job's
         timeout."""
         if self._groups is None:
             if not _distributed():
                 return {}
-            self._create_groups()
+            with self._creating:
+                if self._groups is None:
+                    self._create_groups()
             assert self._groups is not None
         return self._groups
 
@@ -165,7 +173,12 @@ class ReplicationStrategy(abc.ABC):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_groups"] = None  # process groups do not pickle
+        del state["_creating"]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._creating = threading.Lock()
 
 
 def _distributed() -> bool:
