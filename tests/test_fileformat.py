@@ -454,3 +454,22 @@ def test_inspect_keeps_saves_of_one_iteration_apart(tmp_path):
     assert run_inspect(str(tmp_path), console=console) == 1
     text = console.file.getvalue()
     assert "save-A" in text and "save-B" in text and "recoverable" not in text
+
+
+def test_a_byte_view_of_a_loaded_tensor_keeps_its_storage_alive():
+    import gc
+    from tasd.managers.fileformat import own_storage
+    from tasd.staging import TensorLayout
+    for dtype, shape in ((torch.float32, (3, 5)), (torch.bfloat16, (7,)), (torch.bool, (9,)), (torch.float8_e4m3fn, (4,)),
+                         (torch.float32, (0,))):
+        t_bytes = torch.empty(shape, dtype=dtype).nbytes
+        t, view = own_storage(TensorLayout(dtype, shape, 0, t_bytes))
+        assert view.nbytes == t_bytes and (view.format == "B" or not t_bytes)
+        if not t_bytes:
+            continue
+        view[:] = bytes(i % 256 for i in range(t_bytes))
+        ptr = t.data_ptr()
+        del t
+        gc.collect()
+        torch.empty(1 << 20)  # would reuse freed memory
+        assert bytes(view) == bytes(i % 256 for i in range(t_bytes)) and view.obj.owner.data_ptr() == ptr
