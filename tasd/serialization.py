@@ -12,7 +12,8 @@ whose entries are of three kinds:
 - *values* (builtin types, ``numpy.ndarray``, torch dtypes): may be named, never called;
 - *checked callables* (``complex``, ``slice``, ``range``, ``OrderedDict``, ``defaultdict``,
   ``deque``, ``argparse.Namespace``, ``torch.Size``, ``torch.device``, numpy's dtype, scalar and
-  array rebuilders): called only with the argument types and sizes their pickles have (an array's
+  array rebuilders, and the enum classes added with :func:`add_safe_enums`: a member looked up by
+  one plain value): called only with the argument types and sizes their pickles have (an array's
   data must match its shape, a dtype must be a plain one, ...), so what they allocate is bounded by
   the input;
 - *trusted* classes and functions: the library's own (:func:`register_library_class`) and those
@@ -44,6 +45,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copyreg
+import enum
 import importlib
 import io
 import math
@@ -59,7 +61,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-__all__ = ["UnsafeCheckpointError", "DisallowedGlobalError", "add_safe_globals", "get_safe_globals", "dumps",
+__all__ = ["UnsafeCheckpointError", "DisallowedGlobalError", "add_safe_globals", "add_safe_enums", "get_safe_globals",
+           "dumps",
            "safe_loads", "MAX_HOLLOW_BYTES", "MAX_DEPTH", "MAX_EQUAL_HASHES", "WORK_PER_BYTE", "WORK_BASE"]
 
 #: Largest hollow state dict (pickle bytes) :func:`dumps` produces and :func:`safe_loads` accepts.
@@ -297,6 +300,28 @@ def add_safe_globals(objs: Iterable[Any]) -> None:
     with _lock:
         for obj in objs:
             _extra.add(tuple(obj) if isinstance(obj, tuple) else _qualname(obj))
+
+
+def _check_enum_value(args: tuple) -> int:
+    if len(args) != 1 or type(args[0]) not in (int, str, float, bool, type(None)):
+        raise _refuse("an enum class takes one plain value (int, str, float, bool or None) in its pickles")
+    return 0
+
+
+def add_safe_enums(classes: Iterable[type]) -> None:
+    """Allow members of these ``enum.Enum`` classes in hollow state dicts, as *checked callables*:
+    a member pickles as a call of its class with its value, which the decoder permits only with
+    one plain value (int, str, float, bool or None). Such a call looks an existing member up: it
+    never creates an enum class, and no state is ever set on a member (which would change the
+    process's singleton). TypeError for a class that is not an Enum. Not collective; every rank
+    that loads must call it."""
+    classes = list(classes)
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
+            raise TypeError(f"add_safe_enums takes enum.Enum classes, got {cls!r}")
+    with _lock:
+        for cls in classes:
+            _RULES[_qualname(cls)] = _Rule(call=_check_enum_value)
 
 
 def get_safe_globals() -> set[tuple[str, str]]:
