@@ -16,14 +16,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tasd.managers.base_manager import BaseCheckpointManager
-from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
+import torch
+
+from tasd.managers import collectives, identity
+from tasd.managers.base_manager import BaseCheckpointManager, CkptID
+from tasd.managers.errors import CheckpointingException, CorruptCheckpointError, PeerUnreachableError
 from tasd.managers.exchange import OutgoingPart
 from tasd.managers.fileformat import LoadedPart, PartMeta
 from tasd.managers.partio import fsync_path, open_raw_part, read_header, read_part, write_encoded, write_part
 from tasd.managers.partnames import DIRTY_SUFFIX, parse_part_name, part_name
 from tasd.managers.recovery import Holding
+from tasd.managers.reuse import LoadedCopy, hollow_copy
 from tasd.staging import HostBufferPool, Staged
+from tasd.state_dict import TensorAwareStateDict
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +69,23 @@ class LocalCheckpointManager(BaseCheckpointManager):
     manager works on the whole job), ``pool`` (a HostBufferPool for staging, default the
     process-wide one), ``async_pool`` (a shared-memory HostBufferPool for async saves, default the
     process-wide one), ``max_saves_in_flight`` (unfinalized async saves allowed, default 1; see
-    save), ``direct_io`` (how parts are written, see below), ``job_id``
+    save), ``direct_io`` (how parts are written, see below), ``keep_loaded`` (see below), ``job_id``
     (default from the environment, see :mod:`tasd.managers.identity`). Unknown options raise
-    TypeError.
+    TypeError. Options must be the same on every rank.
+
+    ``keep_loaded`` (default False: every load reads its parts again): with True a load keeps its
+    result (references to the loaded tensors, their fingerprints and a copy of the hollow state
+    dict; no tensor bytes are copied) so that the next load of the same checkpoint reads no file
+    and moves no part between ranks. Megatron-LM calls find_latest and load twice per resume
+    (common part, then everything): its manager
+    (:class:`tasd.adapters.megatron.MegatronLocalCheckpointManager`) turns this on. The repeat
+    load returns an equal, independent state (tensors the first result no longer references are
+    handed over, the others cloned; see :mod:`tasd.managers.reuse`); it costs one hash pass over
+    the tensors (and the first load another) plus one small all_reduce, and tensors changed in
+    place since make it read the checkpoint again. The kept result is let go by that next load,
+    by the next save, and by a find_latest that chooses another checkpoint; until then the
+    loaded tensors stay referenced even when the caller drops them (host memory of one part),
+    which is why it is off by default.
 
     ``direct_io``: None (default) writes this rank's own part through the page cache, so that a
     restart on the same node reads it from memory, and the replicas it holds for peers with
@@ -81,16 +100,25 @@ class LocalCheckpointManager(BaseCheckpointManager):
     def __init__(self, root_local_ckpt_dir: str | os.PathLike, session_id: str = "",
                  repl_strategy: Any = None, *, group: Any = None, pool: HostBufferPool | None = None,
                  async_pool: HostBufferPool | None = None, max_saves_in_flight: int = 1,
-                 direct_io: bool | None = None, job_id: str | None = None, **options: Any):
+                 direct_io: bool | None = None, keep_loaded: bool = False, job_id: str | None = None,
+                 **options: Any):
         if options:
             raise TypeError(f"unknown LocalCheckpointManager option(s): {', '.join(sorted(options))}")
         if direct_io is not None and type(direct_io) is not bool:
             raise ValueError(f"direct_io must be None, True or False, got {direct_io!r}")
+        if type(keep_loaded) is not bool:
+            raise ValueError(f"keep_loaded must be True or False, got {keep_loaded!r}")
         super().__init__(check_session_id(session_id), repl_strategy=repl_strategy, group=group, pool=pool,
                          async_pool=async_pool, max_saves_in_flight=max_saves_in_flight, job_id=job_id)
         self.root = Path(root_local_ckpt_dir)
         self.local_ckpt_dir = self.root / session_id / str(self.rank)
         self.direct_io = direct_io
+        self.keep_loaded = keep_loaded
+        # The last load's result, for the next load of the same checkpoint (see keep_loaded). Set and
+        # let go only at points every rank reaches together (a load, a save, find_latest), so every
+        # rank holds one or none alike.
+        self._last_load: LoadedCopy | None = None
+        self._loading: tuple[Any, list] | None = None  # (hollow copy, tensors) of the load under way
         # Parts this process has seen: the file identity they had then, their meta, and whether their
         # data was verified (written by this process, or read whole) or only their header checked.
         self._known: dict[Path, tuple[tuple[int, int, int], PartMeta, bool]] = {}
@@ -235,6 +263,8 @@ class LocalCheckpointManager(BaseCheckpointManager):
                 newest_own = (path, self._known[path][0])
             meta, checked = known
             out.setdefault((iteration, meta.save_id), Holding({}, meta.replication)).owners[owner] = checked
+        if newest_own is not None and self._kept_part(newest_own[0]):
+            newest_own = None  # the next load reuses the kept result: nothing to read
         if newest_own is not None:
             if self._prefetcher is None:
                 self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="tasd-prefetch")
@@ -245,7 +275,81 @@ class LocalCheckpointManager(BaseCheckpointManager):
         latest = super().find_latest()
         if self._prefetched is not None and self._prefetched[0] != self._path(latest, self.rank):
             self._prefetched = None  # not the part load will read: do not hold its memory
+        if self._last_load is not None and self._last_load.key != self._chosen_key():
+            self._last_load = None  # another checkpoint was chosen: let the kept one go
         return latest
+
+    # -- repeat loads (keep_loaded) ---------------------------------------------------------------
+    def _chosen_key(self) -> tuple[int, str] | None:
+        latest = self._latest
+        return None if latest is None or latest.iteration < 0 else (latest.iteration, identity.save_id(latest.save_id))
+
+    def _kept_part(self, path: Path) -> bool:
+        """Whether the kept result is the checkpoint the own part at ``path`` belongs to."""
+        kept, known = self._last_load, self._known.get(path)
+        return kept is not None and known is not None and (known[1].iteration, known[1].save_id) == kept.key
+
+    def save(self, ta_state_dict: TensorAwareStateDict, iteration: int, is_async: bool = False) -> Any:
+        self._last_load = None  # lets the kept load go before staging
+        return super().save(ta_state_dict, iteration, is_async=is_async)
+
+    save.__doc__ = BaseCheckpointManager.save.__doc__
+
+    def load(self) -> tuple[TensorAwareStateDict, CkptID]:
+        """See BaseCheckpointManager.load. With ``keep_loaded`` a load of the checkpoint the
+        previous load returned (same iteration and save, chosen by find_latest again or not
+        searched since) is served from what that load kept, on every rank or on none (one small
+        all_reduce decides): no file is read and no part moves. Collective."""
+        self._settle(keep=0)
+        self.wait_for_cleanup()
+        if self._latest is None:
+            self.find_latest()
+        again = self._load_again()
+        if again is not None:
+            return again
+        self._loading = None
+        try:
+            sd, ckpt_id = super().load()
+            loaded = self._loading
+        finally:
+            self._loading = None
+        if self.keep_loaded and loaded is not None and self._chosen_key() is not None:
+            self._last_load = LoadedCopy(self._chosen_key(), ckpt_id, *loaded)
+        return sd, ckpt_id
+
+    def _load_again(self) -> tuple[TensorAwareStateDict, CkptID] | None:
+        """The kept result, when every rank can serve this load from its own (collective when a
+        result is kept, which is the same on every rank); None otherwise (the kept one is let go)."""
+        kept, self._last_load = self._last_load, None
+        if kept is None:
+            return None
+        sd = None
+        try:
+            if kept.key == self._chosen_key() and kept.intact():
+                sd = kept.take()
+        except Exception:  # reuse is an optimization: read the checkpoint instead
+            logger.warning("rank %d: could not reuse the last load; reading the checkpoint again", self.rank,
+                           exc_info=True)
+            sd = None
+        try:
+            everyone = collectives.all_reduce(torch.tensor([int(sd is not None)], dtype=torch.int64), "min",
+                                              self._groups_ready())
+        except Exception as e:
+            raise PeerUnreachableError(f"load: rank {self.rank} could not reach the other ranks (a peer died or "
+                                       f"timed out): {e}") from e
+        if not int(everyone[0]):
+            logger.info("rank %d: the last load cannot be reused on every rank; reading the checkpoint", self.rank)
+            return None
+        logger.info("rank %d: iteration %d served from the last load (no file read, no part moved)", self.rank,
+                    kept.key[0])
+        return sd, kept.ckpt_id
+
+    def _load_part(self, iteration: int, part: LoadedPart) -> TensorAwareStateDict:
+        hollow = hollow_copy(part.hollow) if self.keep_loaded else None
+        sd = super()._load_part(iteration, part)
+        if hollow is not None:
+            self._loading = (hollow, part.tensors())
+        return sd
 
     def _check_save_id(self, path: Path, meta: PartMeta, save_id: str) -> None:
         if meta.save_id != save_id:
