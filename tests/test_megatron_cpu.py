@@ -11,7 +11,7 @@ def train(rank, world, tp):
     import warnings
     warnings.filterwarnings("ignore")
     from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from tests.megatron_model import build, sharded_state_dict, train_step
+    from tasd.adapters.megatron_cpu import build_gpt as build, sharded_state_dict, train_step
     model, ddp, opt = build(tp)
     losses = [train_step(ddp, opt, s) for s in range(3)]
     kinds = sorted({type(v).__name__ for v in nested_values(sharded_state_dict(model, opt))})
