@@ -441,13 +441,9 @@ class BaseCheckpointManager(ABC):
         error: BaseException | None = None
         damaged: list[list] = []  # [iteration, save_id, holder, owner] this rank found damaged
         sd, outgoing, closers, aborted = None, {}, [], False
+        # Parts move first: this rank's own part is still being read in the background meanwhile
+        # (find_latest started it), and is decoded once its peers have what they need from it.
         try:
-            if self.rank not in needs:
-                try:
-                    sd = self._load_part(iteration, self._read_part(iteration, self.rank, save_id))
-                except CorruptCheckpointError as e:
-                    error = e
-                    damaged.append([iteration, save_id, self.rank, self.rank])
             for t in plan:
                 if t.src == self.rank and error is None:
                     try:
@@ -474,6 +470,14 @@ class BaseCheckpointManager(ABC):
             finally:
                 for close in closers:
                     close()
+        if self.rank not in needs:
+            try:
+                sd = self._load_part(iteration, self._read_part(iteration, self.rank, save_id))
+            except CorruptCheckpointError as e:
+                error = error or e
+                damaged.append([iteration, save_id, self.rank, self.rank])
+            except Exception as e:
+                error = error or e
         if sd is None and error is None and not damaged and not aborted:
             error = NoReplicasAvailableError(iteration, [self.rank])
         # 2: a failure (raise everywhere), 1: damaged parts only (plan again), 0: loaded
