@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import struct
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,10 +366,30 @@ def parse_preamble(pre: bytes, size: int, path: Path | str) -> tuple[int, int]:
     return header_len, header_sum
 
 
+#: Headers parsed lately, by their exact bytes and the size of their part: a restart parses the
+#: same header more than once (find_latest, then the load or the send; a replica's header is the
+#: owner's), and a header of 10,000 tensors takes tens of milliseconds to parse and validate.
+_parsed: dict[tuple[bytes, int], PartHeader] = {}
+_parsed_lock = threading.Lock()  # parts are read in several threads
+_PARSED_KEPT = 8
+
+
 def check_header_bytes(raw: bytes, header_sum: int, path: Path | str, size: int) -> PartHeader:
+    """The validated header whose bytes are ``raw`` (checked against ``header_sum``) in a part of
+    ``size`` bytes; CorruptCheckpointError naming ``path`` otherwise. Headers are cached by their
+    exact bytes: the same bytes give the same (shared, not to be modified) PartHeader."""
     if xxhash.xxh3_64_intdigest(raw) != header_sum:
         raise corrupt(path, "header checksum mismatch")
-    return _parse_header(path, raw, size)
+    key = (bytes(raw), size)
+    with _parsed_lock:
+        header = _parsed.get(key)
+    if header is None:
+        header = _parse_header(path, raw, size)
+        with _parsed_lock:
+            if len(_parsed) >= _PARSED_KEPT:
+                _parsed.pop(next(iter(_parsed)))
+            _parsed[key] = header
+    return header
 
 
 def check_hollow(raw: bytes, header: PartHeader, path: Path | str) -> bytes:

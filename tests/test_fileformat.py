@@ -6,6 +6,7 @@ import gc
 import io
 import json
 import os
+import shutil
 import pickle
 import random
 import threading
@@ -473,3 +474,18 @@ def test_a_byte_view_of_a_loaded_tensor_keeps_its_storage_alive():
         gc.collect()
         torch.empty(1 << 20)  # would reuse freed memory
         assert bytes(view) == bytes(i % 256 for i in range(t_bytes)) and view.obj.owner.data_ptr() == ptr
+
+
+def test_a_header_is_parsed_once_and_only_its_exact_bytes_reuse_it(tmp_path):
+    a, b = tmp_path / "a.part", tmp_path / "b.part"
+    write_sd(a, {"w": torch.arange(6.0), "x": torch.zeros(3)})
+    write_sd(b, {"w": torch.arange(6.0), "x": torch.zeros(3)})
+    shutil.copyfile(a, tmp_path / "c.part")
+    first = read_header(a)
+    assert read_header(tmp_path / "c.part") is first, "identical header bytes: parsed once"
+    assert read_header(b) is not first  # another part (its data chunks differ): its own header
+    header = read_header(a)
+    flip(tmp_path / "c.part", PREAMBLE.size + 10)  # same length, other bytes: parsed (and refused) anew
+    with pytest.raises(CorruptCheckpointError, match="c.part"):
+        read_header(tmp_path / "c.part")
+    assert read_header(a) is header
