@@ -10,8 +10,9 @@ from tasd.managers.replication.strategy import ReplicationStrategy
 class CliqueReplicationStrategy(ReplicationStrategy):
     """Groups from :func:`parse_group_sequence`; needs ``world_size % (J * F) == 0``. A rank
     exchanges parts on one gloo group over its clique (F ranks, purpose ``clique-exchange``).
-    Constructing it creates that group when torch.distributed is initialized (collective: every
-    member of each clique constructs it, in practice all ranks together)."""
+    Constructing it starts creating that group in a background thread when torch.distributed is
+    initialized (collective: every member of each clique constructs it, in practice all ranks
+    together)."""
 
     name = "clique"
 

@@ -13,8 +13,8 @@ class RingReplicationStrategy(ReplicationStrategy):
     ``W // gcd(W, J) >= F`` (the F ranks r, r+J, ... are distinct). A rank exchanges parts with
     each of its peers (r +- kJ, k < F) on a gloo group of those two ranks only (purpose
     ``ring-exchange``): up to 2(F-1) groups per rank, whatever the world size. Constructing it
-    creates them when torch.distributed is initialized (collective: every rank and its peers
-    construct it together, in practice all ranks)."""
+    starts creating them in a background thread when torch.distributed is initialized
+    (collective: every rank and its peers construct it together, in practice all ranks)."""
 
     name = "ring"
 

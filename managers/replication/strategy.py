@@ -47,11 +47,12 @@ class ReplicationStrategy(abc.ABC):
     exchanges (which may run in a background thread) never interleave with other collectives,
     and no rank connects to more than its peers. Creating them is collective over the members of
     each group (all created at once, concurrently, by one :func:`~tasd.managers.subgroups.subgroups`
-    call) and happens on the thread that first needs them: eager strategies create them in
-    ``__init__`` when torch.distributed is initialized and the world size fits the strategy (all
-    ranks construct the strategy together), lazy ones (``lazy = True``) on the first access of
-    ``exchange_groups``. tasd's groups touch no torch.distributed state of the process (no
-    ``new_group``), so they may be created on any thread: the managers start the creation in
+    call). Eager strategies start creating them in ``__init__`` when torch.distributed is
+    initialized and the world size fits the strategy (all ranks construct the strategy together),
+    in a thread of their own, so that construction returns at once; lazy ones (``lazy = True``)
+    create them on the first access of ``exchange_groups``. tasd's groups touch no
+    torch.distributed state of the process (no ``new_group``), so they may be created on any
+    thread, and an access while they are being created waits: the managers start the creation in
     their background exchange thread at a collective point every rank reaches (find_latest, or
     a save's replication), so that a restart that moves no part never waits for it; an exchange
     on the training thread (a sync save, a load that recovers a part) waits for it. It is empty
@@ -75,7 +76,7 @@ class ReplicationStrategy(abc.ABC):
             except ValueError as e:  # no groups to make: the managers reject this world size
                 logger.debug("%r: no exchange groups created: %s", self, e)
             else:
-                self._create_groups()
+                threading.Thread(target=self._create_in_background, name="tasd-exchange-groups", daemon=True).start()
 
     @classmethod
     def from_replication_params(cls, replication_jump: int = 1,
@@ -160,6 +161,13 @@ class ReplicationStrategy(abc.ABC):
                     self._create_groups()
             assert self._groups is not None
         return self._groups
+
+    def _create_in_background(self) -> None:
+        try:
+            self.exchange_groups  # noqa: B018 - creates them
+        except Exception:
+            logger.warning("%r: creating the replica exchange groups failed (retried when they are needed)", self,
+                           exc_info=True)
 
     def _create_groups(self) -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
