@@ -25,14 +25,25 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         description="Train a tiny DDP model on N gloo ranks (processes) on CPU, save local checkpoints "
                     "(asynchronously by default: training stalls only while tensors are staged), "
                     "restart in fresh processes, load, and check model, optimizer and resumed training "
-                    "bitwise against the original run.")
+                    "bitwise against the original run. With --backend megatron: a megatron-core GPT with "
+                    "tensor parallelism (--tp) and the distributed optimizer, Megatron-LM's local-checkpoint "
+                    "flags, saves and two-step loads through tasd.adapters.megatron, and async saves on "
+                    "megatron-core's own AsyncCallsQueue (needs the megatron extra).")
+    p.add_argument("--backend", choices=("basic", "megatron"), default="basic",
+                   help="basic: a torch model in a BasicTensorAwareStateDict (default); megatron: a megatron-core "
+                        "GPT through the Megatron-LM adapter")
     p.add_argument("--ranks", type=_positive_int, default=4, help="number of ranks (default: 4)")
+    p.add_argument("--tp", type=_positive_int, default=None,
+                   help="megatron: tensor-parallel size, dividing --ranks (default: 2 for an even number of "
+                        "ranks, else 1); data parallel over the rest")
+    p.add_argument("--algo", choices=("fully_parallel", "atomic"), default=None,
+                   help="megatron: --non-persistent-local-ckpt-algo (default: fully_parallel)")
     p.add_argument("--steps", type=_positive_int, default=12, help="training steps to checkpoint (default: 12)")
     p.add_argument("--save-every", type=_positive_int, default=4, help="steps between checkpoints (default: 4)")
     p.add_argument("--dir", default=None, help="checkpoint root (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints after a successful run")
-    p.add_argument("--replication", choices=("ring", "clique", "none"), default="ring",
-                   help="replication strategy (default: ring)")
+    p.add_argument("--replication", choices=("ring", "clique", "none"), default=None,
+                   help="replication strategy (default: ring; clique, as in Megatron-LM, with --backend megatron)")
     p.add_argument("--replication-factor", type=_positive_int, default=2, help="copies of each part (default: 2)")
     p.add_argument("--replication-jump", type=_positive_int, default=1, help="rank distance between copies (default: 1)")
     p.add_argument("--lose-rank", type=int, default=None,
@@ -40,24 +51,43 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-node-loss", action="store_true", help="restart without losing a node")
     p.add_argument("--save-mode", choices=("async-persistent", "async-temporal", "sync"), default="async-persistent",
                    help="async saves on a persistent worker (default) or a process forked per save, or "
-                        "synchronous saves")
+                        "synchronous saves (megatron: async-persistent or sync, as Megatron-LM requires the "
+                        "persistent worker for --async-save)")
     p.set_defaults(handler=_run_demo, parser=p)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    if args.steps < args.save_every:
+        args.parser.error(f"--steps ({args.steps}) must be at least --save-every ({args.save_every})")
+    lose_rank = None if args.no_node_loss else (-1 if args.lose_rank is None else args.lose_rank)
+    if args.backend == "megatron":
+        return _run_megatron_demo(args, lose_rank)
+    for flag, value in (("--tp", args.tp), ("--algo", args.algo)):
+        if value is not None:
+            args.parser.error(f"{flag} applies to --backend megatron only")
     from tasd.demo import run_demo
     from tasd.managers import ReplicationConfig
 
-    if args.steps < args.save_every:
-        args.parser.error(f"--steps ({args.steps}) must be at least --save-every ({args.save_every})")
+    strategy = args.replication or "ring"
     replication = None
-    if args.replication != "none" and args.ranks > 1:
-        replication = ReplicationConfig(strategy=args.replication, replication_factor=args.replication_factor,
+    if strategy != "none" and args.ranks > 1:
+        replication = ReplicationConfig(strategy=strategy, replication_factor=args.replication_factor,
                                         replication_jump=args.replication_jump)
     return run_demo(ranks=args.ranks, steps=args.steps, save_every=args.save_every, directory=args.dir,
-                    keep=args.keep, replication=replication,
-                    lose_rank=None if args.no_node_loss else (-1 if args.lose_rank is None else args.lose_rank),
-                    save_mode=args.save_mode)
+                    keep=args.keep, replication=replication, lose_rank=lose_rank, save_mode=args.save_mode)
+
+
+def _run_megatron_demo(args: argparse.Namespace, lose_rank: int | None) -> int:
+    from tasd.megatron_demo import run_megatron_demo
+
+    strategy = args.replication or "clique"
+    tp = args.tp if args.tp is not None else (2 if args.ranks % 2 == 0 else 1)
+    return run_megatron_demo(ranks=args.ranks, tp=tp, steps=args.steps, save_every=args.save_every,
+                             directory=args.dir, keep=args.keep,
+                             replication=None if strategy == "none" or args.ranks == 1 else strategy,
+                             replication_factor=args.replication_factor, replication_jump=args.replication_jump,
+                             lose_rank=lose_rank, save_mode=args.save_mode,
+                             algo=args.algo or "fully_parallel").exit_code
 
 
 # -- tasd inspect -------------------------------------------------------------------------------

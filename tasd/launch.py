@@ -14,7 +14,7 @@ import queue
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch.distributed as dist
 
@@ -44,16 +44,19 @@ def _rank_main(fn: Callable, rank: int, world_size: int, store_path: str, timeou
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120.0,
-              collective_timeout_s: float = 30.0, **kwargs: Any) -> list[Any]:
+              collective_timeout_s: float = 30.0, preload: Sequence[str] = (), **kwargs: Any) -> list[Any]:
     """Call ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` processes and return their
     results in rank order. ``fn`` and its arguments must be picklable (module-level function).
 
-    Processes start from a fork server (torch imported once), so starting ranks is cheap. Every
-    collective inside times out after ``collective_timeout_s``; the whole run after ``timeout_s``,
-    when remaining ranks are killed. Raises RankFailure with each failed rank's traceback.
+    Processes start from a fork server (torch imported once), so starting ranks is cheap. The fork
+    server also imports the modules named in ``preload`` (e.g. a framework every rank imports),
+    when this call is the one that starts it (the first of this process; the server stays).
+    Every collective inside times out after ``collective_timeout_s``; the whole run after
+    ``timeout_s``, when remaining ranks are killed. Raises RankFailure with each failed rank's
+    traceback.
     """
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "tasd", "tasd.managers"])
+    ctx.set_forkserver_preload(["torch", "tasd", "tasd.managers", *preload])
     results = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="tasd-store-") as tmp:
         store = os.path.join(tmp, "store")

@@ -19,7 +19,11 @@ whose entries are of three kinds:
 - *trusted* classes and functions: the library's own (:func:`register_library_class`) and those
   added with :func:`add_safe_globals`, called with whatever arguments the bytes hold. Add only
   classes whose constructor and ``__setstate__`` do work proportional to their arguments. Adding a
-  checked callable (e.g. ``numpy.dtype``) makes it trusted: its checks no longer apply.
+  checked callable (e.g. ``numpy.dtype``) makes it trusted: its checks no longer apply. A global
+  named in a module of tasd's own (``tasd`` and ``tasd.*``) that is not allowed yet makes the
+  decoder import that module, which registers its classes (only tasd's code runs): a fresh
+  process that has not imported ``tasd.mcore``, e.g. a restarted rank receiving its MCore part
+  from a peer, still decodes it.
 
 Bounds, all checked before the work they bound: the input is at most :data:`MAX_HOLLOW_BYTES`;
 length fields never exceed the input (nothing is allocated ahead of the bytes that fill it); the
@@ -352,6 +356,12 @@ class _Policy:
             return rule
         if key in _VALUES or (key[0] == "torch" and key[1] in _TORCH_DTYPES):
             return _VALUE
+        if _import_library_module(key[0]):
+            with _lock:  # the module registered its classes (and enums): take them into this snapshot
+                self.trusted = frozenset(_extra | _registered)
+            if key in self.trusted:
+                return _TRUSTED
+            return _RULES.get(key)
         return None
 
     def trusts_type(self, cls: type) -> bool:
@@ -374,6 +384,22 @@ class _Policy:
         """Allow adding items to ``target`` (APPENDS, SETITEMS, ADDITEMS)."""
         if type(target) not in _TARGETS and not self.trusts_type(type(target)):
             raise _refuse(f"cannot add items to a {type(target).__qualname__}")
+
+
+def _import_library_module(module: str) -> bool:
+    """Import ``module`` when it is one of tasd's own (``tasd`` or ``tasd.*``; its classes register
+    themselves on import: see :func:`register_library_class`); True when it is imported now. Any
+    other module, or one that does not import (no such module, or an extra not installed: e.g.
+    ``tasd.mcore`` without megatron-core), gives False and the global stays refused."""
+    if module != "tasd" and not module.startswith("tasd."):
+        return False
+    if module in sys.modules:
+        return True
+    try:
+        importlib.import_module(module)
+    except Exception:  # a name from the bytes that is no importable module of tasd's: refused
+        return False
+    return True
 
 
 def _disallowed_message(module: str, name: str) -> str:

@@ -325,3 +325,31 @@ def test_every_kind_round_trips():
     back.insert_tensors(tensors)
     sd.insert_tensors(tensors)
     assert_same(back.state_dict, sd.state_dict)
+
+
+def test_a_fresh_process_decodes_classes_of_tasd_modules_it_has_not_imported():
+    """A restarted rank that receives its part from a peer decodes it before anything imported the
+    module of the part's class (tasd.mcore): the decoder imports tasd's own modules on demand,
+    and only those."""
+    pytest.importorskip("megatron.core")
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from tasd.mcore import MCoreTensorAwareStateDict
+
+    sd, _ = MCoreTensorAwareStateDict.from_state_dict(
+        {"w": ShardedTensor.from_rank_offsets("w", torch.arange(3.0)), "iteration": 7}, algo="atomic")
+    sd.pop_tensors()
+    code = textwrap.dedent("""
+        import sys
+        from tasd.serialization import safe_loads
+        assert "tasd.mcore" not in sys.modules
+        obj = safe_loads(sys.stdin.buffer.read())
+        print(type(obj).__module__, type(obj).__qualname__, obj.common_state_dict["iteration"])
+    """)
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], input=dumps(sd), capture_output=True,
+                         timeout=120, cwd=ROOT)
+    assert out.stdout.decode().split() == ["tasd.mcore", "MCoreTensorAwareStateDict", "7"], out.stderr.decode()[-2000:]
+    # Only modules of tasd's own are imported, and only ones that exist.
+    for module in ("tasd.no_such_module", "tasdx", "os"):
+        with pytest.raises(UnsafeCheckpointError, match=f"{module}.X is not allowed"):
+            safe_loads(PROTO + glob(module, "X") + pickle.STOP)
