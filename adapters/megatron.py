@@ -265,6 +265,15 @@ class MegatronLocalCheckpointManager(LocalCheckpointManager):
       :func:`to_mcore_request`), which megatron-core's ``AsyncCallsQueue`` (forked or
       persistent) runs and which tasd's ``AsyncCallsQueue`` runs with all of tasd's bookkeeping;
       without megatron-core installed, tasd's own request.
+
+    Megatron-LM 0.16.1 finalizes its async saves only at the top of each iteration
+    (``maybe_finalize_async_save(blocking=False)``: calls already finished on every rank) and
+    starts the next save even when the last one is not finalized (it prints "Starting a checkpoint
+    save before previous has finished"). At most ``max_saves_in_flight`` (default 1) saves are
+    then unfinalized: the new save first waits for the older one's writer (it reports from
+    megatron-core's worker) and finalizes it, so it is published, not lost; megatron-core's later
+    finalize of it does nothing. ``max_saves_in_flight=2`` (an option of
+    :func:`build_checkpoint_manager`) holds one more save's staging buffer instead of waiting.
     """
 
     def __init__(self, root_local_ckpt_dir: Any, session_id: str = "", repl_strategy: Any = None, *,
@@ -387,8 +396,8 @@ class _LoggedCall:
     megatron-core's persistent worker loop (``PersistentAsyncCaller.async_loop``) dies on an
     exception and its trainer then polls for a completion that never comes; a local checkpoint
     request pickled for it runs its writer under this guard, so the worker reports the call done
-    and the save's finalize, which checks that this rank's part was stored, fails the save on
-    every rank instead."""
+    and the save's finalize, which reads the writer's own report (its traceback) and checks that
+    this rank's part was stored, fails the save on every rank instead."""
 
     def __init__(self, fn: Callable[..., Any]):
         self.fn = fn
@@ -409,6 +418,7 @@ def _define_request_class() -> type:
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest as MCoreAsyncRequest
 
     from tasd.managers.async_ckpt import AsyncRequest as TasdAsyncRequest
+    from tasd.managers.async_ckpt.request import notify_frozen
 
     class MegatronAsyncRequest(MCoreAsyncRequest):
         """megatron-core's ``AsyncRequest`` that also carries tasd's ``handle`` and the methods
@@ -433,7 +443,10 @@ def _define_request_class() -> type:
             return type(self), tuple(fields)
 
         def freeze(self) -> "MegatronAsyncRequest":
-            """A frozen copy with its own finalize list (the queues freeze what they schedule)."""
+            """A frozen copy with its own finalize list (the queues freeze what they schedule);
+            tells the handle ``frozen()``: the save then knows that a queue took it, also when
+            that queue (megatron-core's) tells nothing else."""
+            notify_frozen(self.handle)
             return self._replace(is_frozen=True, finalize_fns=list(self.finalize_fns))
 
         check_args = TasdAsyncRequest.check_args
@@ -470,10 +483,13 @@ def to_mcore_request(request: Any) -> Any:
     shared-memory staging buffer passes as a file descriptor), and forks for its temporal one.
     A MegatronAsyncRequest is such an instance; pickled, it drops the handle and runs its writer
     under a guard that logs a failure instead of killing megatron-core's worker loop (the save's
-    finalize then fails it on every rank). On tasd's ``AsyncCallsQueue`` it keeps the handle and
-    behaves as tasd's request. Returns ``request`` itself when it already is one. Raises
-    ImportError (naming the ``megatron`` extra) without megatron-core, TypeError for anything
-    that is not an AsyncRequest."""
+    finalize then fails it on every rank). Freezing it (megatron-core's queue does, as every
+    queue) tells the save that a queue took it: when Megatron-LM starts the next save before
+    megatron-core's queue finalized this one, the manager waits for this writer's own report and
+    finalizes it then (see ``BaseCheckpointManager.save``), instead of dropping it. On tasd's
+    ``AsyncCallsQueue`` it keeps the handle and behaves as tasd's request. Returns ``request``
+    itself when it already is one. Raises ImportError (naming the ``megatron`` extra) without
+    megatron-core, TypeError for anything that is not an AsyncRequest."""
     try:
         cls = globals().get("MegatronAsyncRequest") or __getattr__("MegatronAsyncRequest")
     except ImportError as e:

@@ -252,8 +252,13 @@ class BaseCheckpointManager(ABC):
         same point). When its call fails on any rank, the queue drops it on every rank and its files
         are removed at once. At most ``max_saves_in_flight`` async saves are unfinalized: a save
         beyond that, and every sync save, find_latest and load, first finalizes the older ones
-        through their queue (collective; raises if one failed). A request never scheduled on a
-        tasd AsyncCallsQueue is dropped then and its files removed.
+        (collective; raises on every rank if one failed): through their queue when it is tasd's;
+        when another queue took the request (megatron-core's ``AsyncCallsQueue``, where
+        Megatron-LM schedules it, which may not have finalized it yet: Megatron-LM starts a new
+        save whether or not the last one finished), by waiting for its writer's own report
+        (:meth:`SaveJob.wait_for_writer`) and finalizing it here, so the later finalize by that
+        queue does nothing (or raises again, when it failed). A request no queue took (never
+        scheduled) is dropped then and its files removed.
         """
         if type(is_async) is not bool:
             raise TypeError(f"is_async must be a bool, got {type(is_async).__name__}")
@@ -313,17 +318,26 @@ class BaseCheckpointManager(ABC):
             self._pending.remove(job)
 
     def _settle(self, keep: int) -> None:
-        """Finalize unfinalized async saves, oldest first, until at most ``keep`` remain: through
-        the queue holding each one's call (collective; raises on every rank if it, or an earlier
-        call of that queue, failed: a save whose call is still queued then stays pending), or, for
-        a request no tasd queue holds (never scheduled, or scheduled on another queue), by dropping
-        it (local; its buffer is never reused, another queue's worker may still read it)."""
+        """Finalize unfinalized async saves, oldest first, until at most ``keep`` remain (every
+        rank holds the same ones: saves are collective):
+
+        - a call on a tasd AsyncCallsQueue: through that queue (collective; raises on every rank if
+          it, or an earlier call of that queue, failed: a save whose call is still queued then
+          stays pending);
+        - a request another queue took (froze) without telling tasd where (megatron-core's): wait
+          for its writer on every rank (:meth:`SaveJob.wait_for_writer`, collective, bounded by
+          the collective timeout), then finalize it (collective; raises on every rank if it failed
+          anywhere);
+        - a request no queue took: drop it (local; its buffer is never reused)."""
         while len(self._pending) > keep:
             job = self._pending[0]
             if job.queue is not None and not job.done:
                 job.queue.finalize_through(job.call_idx)  # runs job.finalize, or drops the job
+            elif job.taken and not job.done:
+                job.wait_for_writer()
+                job.finalize()
             if not job.done:
-                job.drop("it was not scheduled on a tasd AsyncCallsQueue", worker_may_run=True)
+                job.drop("its request was never scheduled on an AsyncCallsQueue", worker_may_run=True)
 
     def _in_flight_iterations(self) -> set[int]:
         """Iterations of async saves not yet finalized (their unpublished files are in use)."""

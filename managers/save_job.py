@@ -23,7 +23,13 @@ a failure anywhere becomes an error on every rank and removes the iteration's fi
 
 An asynchronous save's AsyncRequest carries its job as ``handle``: the AsyncCallsQueue tells the
 job where its call is (``scheduled``) and when it will never be finalized (``dropped``), so a
-failed call is cleaned up on every rank as soon as the queue agrees it failed.
+failed call is cleaned up on every rank as soon as the queue agrees it failed. A queue tasd does
+not hold (megatron-core's, where Megatron-LM schedules its requests) tells only that it took the
+request (``frozen``, from the request's ``freeze``); the request's writer then reports to the job's
+:class:`~tasd.managers.async_ckpt.status.CallStatus` from the worker, so the manager can wait for
+it without that queue (:meth:`SaveJob.wait_for_writer`) and finalize the save itself when it needs
+to (a later call of the same finalize by that queue does nothing, or raises when the save was not
+published).
 """
 
 from __future__ import annotations
@@ -34,8 +40,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from tasd.managers import collectives
 from tasd.managers.async_ckpt import AsyncRequest
-from tasd.managers.errors import CheckpointingException, CorruptCheckpointError
+from tasd.managers.async_ckpt.callers import DEFAULT_WAIT_TIMEOUT_S
+from tasd.managers.async_ckpt.status import CallStatus, TrackedCall
+from tasd.managers.errors import CheckpointingException, CorruptCheckpointError, PeerUnreachableError
 from tasd.managers.exchange import OutgoingPart, Transfer, exchange_parts
 from tasd.managers.fileformat import PartMeta, RawPart, encode_prefix
 from tasd.staging import Staged
@@ -71,7 +80,9 @@ class SaveJob:
     ``owners``: owner ranks of the parts this rank stores (its own, then those it holds for peers).
     ``error``: the first local failure of steps 2-3. ``replication``: the background exchange (a
     Future; None when synchronous or without replication). ``queue``/``call_idx``: where the async
-    call runs, once scheduled on a tasd AsyncCallsQueue. ``done``: finalized or dropped.
+    call runs, once scheduled on a tasd AsyncCallsQueue. ``taken``: some queue froze the request
+    (tasd's or another). ``status``: the writer's reports (async saves, once :meth:`request` was
+    called). ``done``: finalized or dropped; ``failure``: why, when it was not published.
     """
 
     def __init__(self, manager: "BaseCheckpointManager", meta: PartMeta, hollow: bytes, staged: Staged,
@@ -90,7 +101,11 @@ class SaveJob:
         self.replication: Future | None = None
         self.queue: Any = None
         self.call_idx: int | None = None
+        self.taken = False
+        self.status: CallStatus | None = None
         self.done = False
+        self.failure: str | None = None
+        self._writer_may_run = False  # a worker this process does not control may still read the buffer
         self.own_call: tuple[Callable[..., int], tuple] = manager._own_part_call(meta, hollow, staged)
 
     @property
@@ -170,16 +185,88 @@ class SaveJob:
 
     def request(self) -> AsyncRequest:
         """The AsyncRequest of an asynchronous save: ``async_fn`` stores the own part (module-level,
-        plain-data arguments plus the staging buffer), ``finalize`` publishes, ``handle`` is this job."""
+        plain-data arguments plus the staging buffer) and reports to ``status``
+        (:class:`~tasd.managers.async_ckpt.status.TrackedCall`), ``finalize`` publishes,
+        ``handle`` is this job."""
         fn, args = self.own_call
-        return AsyncRequest(fn, args, [self.finalize], handle=self)
+        self.status = CallStatus()
+        return AsyncRequest(TrackedCall(fn, self.status), args, [self.finalize], handle=self)
 
-    # -- the AsyncRequest handle protocol (called by AsyncCallsQueue, local) -------------------------
+    # -- the AsyncRequest handle protocol (local) -------------------------------------------------------
+    def frozen(self) -> None:
+        """A queue (tasd's or another) is scheduling the request."""
+        self.taken = True
+
     def scheduled(self, queue: Any, call_idx: int) -> None:
         self.queue, self.call_idx = queue, call_idx
 
     def dropped(self, reason: str) -> None:
         self.drop(f"its async call failed or was dropped: {reason.strip().splitlines()[-1] if reason else ''}")
+
+    # -- 3b. a writer on a queue tasd does not hold ----------------------------------------------------
+    def wait_for_writer(self) -> None:
+        """Wait until this async save's writer (its request's ``async_fn``) has finished on every
+        rank, for a request scheduled on a queue tasd does not hold (megatron-core's), which cannot
+        be asked: the writer reports to ``status`` from its worker. Collective over the manager's
+        agreement group, on the training thread. Waits at most that group's timeout (the job's
+        collective timeout), in rounds of at most half of it, each ended by one all_reduce, so no
+        rank waits inside a collective longer than that. A writer that failed, whose process died,
+        or that has not finished by then is a failure of this rank, recorded in ``error`` (the
+        :meth:`finalize` that follows fails the save on every rank, naming it). Raises
+        PeerUnreachableError when a peer cannot be reached, having dropped the job."""
+        if self.status is None:
+            raise CheckpointingException(f"the save of iteration {self.iteration} has no async request to wait for")
+        m = self.manager
+        try:
+            group = m._groups_ready()
+        except Exception as e:
+            self.drop(f"rank {m.rank} could not reach the other ranks: {e}", worker_may_run=True)
+            raise PeerUnreachableError(f"rank {m.rank}: waiting for the async save of iteration {self.iteration}: "
+                                       f"{e}") from e
+        timeout = collectives.group_timeout(group)
+        bound = timeout.total_seconds() if timeout is not None else DEFAULT_WAIT_TIMEOUT_S
+        deadline = time.monotonic() + bound
+        t0 = time.perf_counter()
+        told = False
+        while True:
+            finished, err = self.status.outcome()
+            if not finished:
+                if not told:
+                    logger.info("rank %d: waiting for the async save of iteration %d, scheduled on a queue tasd does "
+                                "not hold, to finish writing (at most %d unfinalized async saves)", m.rank,
+                                self.iteration, m.max_saves_in_flight)
+                    told = True
+                finished, err = self._poll_writer(min(bound / 2, max(0.0, deadline - time.monotonic())))
+            if not finished and time.monotonic() >= deadline:
+                err, finished = (f"its async writer did not finish within {bound:g}s (the collective timeout) and "
+                                 "may still run: the staging buffer is never reused"), True
+                self._writer_may_run = True
+            if err is not None and self.error is None:
+                self.error = CheckpointingException(f"rank {m.rank}: the async save of iteration {self.iteration} "
+                                                    f"failed: {err}")
+            try:
+                (not_done_any,) = collectives.all_reduce_max([0 if finished else 1], group)
+            except Exception as e:
+                self.drop(f"rank {m.rank} could not reach the other ranks while waiting for its writer: {e}",
+                          worker_may_run=not finished or self._writer_may_run)
+                raise PeerUnreachableError(f"rank {m.rank}: waiting for the async save of iteration "
+                                           f"{self.iteration}: a peer died or timed out: {e}") from e
+            if not not_done_any:
+                break
+        if told:
+            logger.info("rank %d: waited %.3fs for the async save of iteration %d (%s)", m.rank,
+                        time.perf_counter() - t0, self.iteration, "failed" if self.error else "written everywhere")
+
+    def _poll_writer(self, wait_s: float) -> tuple[bool, str | None]:
+        """``status.outcome()`` after waiting up to ``wait_s`` seconds for the writer to finish."""
+        end = time.monotonic() + wait_s
+        sleep = 0.005
+        while True:
+            finished, err = self.status.outcome()
+            if finished or time.monotonic() >= end:
+                return finished, err
+            time.sleep(min(sleep, max(0.0, end - time.monotonic())))
+            sleep = min(sleep * 2, 0.1)
 
     # -- 4. finalize or drop --------------------------------------------------------------------------
     def _local_outcome(self) -> BaseException | None:
@@ -187,6 +274,11 @@ class SaveJob:
         if self.replication is not None:
             self.replication.result()  # records its failure in self.error
         error = self.error
+        if error is None and self.status is not None:
+            finished, text = self.status.outcome()  # the writer's own report, wherever it ran
+            if finished and text is not None:
+                error = CheckpointingException(f"rank {self.meta.owner_rank}: the async writer of iteration "
+                                               f"{self.iteration} failed: {text}")
         if error is None:
             size = self.manager._stored_size(self.meta)
             if size is None:
@@ -197,16 +289,21 @@ class SaveJob:
 
     def finalize(self) -> None:
         """Step 4 (collective over the manager's group): publish once every rank stored its parts,
-        or remove this rank's files of the iteration and raise on every rank. Does nothing for a
-        job already finalized or dropped."""
+        or remove this rank's files of the iteration and raise on every rank. Called again once the
+        job is over (a queue tasd does not hold finalizing a save the manager already finalized or
+        dropped): does nothing when it was published, raises CheckpointingException (local; every
+        rank has the same outcome) when it was not, so that its loss is never reported as a save."""
         if self.done:
+            if self.failure is not None:
+                raise CheckpointingException(f"rank {self.manager.rank}: the async save of iteration {self.iteration} "
+                                             f"was not published: {self.failure}")
             return
         m = self.manager
         t = time.perf_counter()
         try:
             error = self._local_outcome()
         finally:
-            self.staged.release()
+            self._let_go()
         if error is not None:
             logger.debug("rank %d: save of iteration %d failed locally: %s", m.rank, self.iteration, error)
         what = f"save of iteration {self.iteration}"
@@ -217,7 +314,8 @@ class SaveJob:
             except Exception as e:
                 error = e
             m._agree_or_raise(error, self.iteration, f"{what} (publishing)")
-        except BaseException:
+        except BaseException as e:
+            self.failure = f"{type(e).__name__}: {e}"
             self._end()
             m._remove_iteration(self.iteration)
             raise
@@ -241,18 +339,27 @@ class SaveJob:
         Idempotent."""
         if self.done:
             return
+        self.failure = reason
         try:
             if self.replication is not None:
                 self.replication.result()
         finally:
-            if worker_may_run:
-                self.staged.discard()
-            else:
-                self.staged.release()
+            self._writer_may_run = self._writer_may_run or worker_may_run
+            self._let_go()
             self._end()
             self.manager._remove_iteration(self.iteration)
         logger.warning("rank %d: the async save of iteration %d was dropped (%s); its files were removed",
                        self.manager.rank, self.iteration, reason)
+
+    def _let_go(self) -> None:
+        """Give the staging buffer (and the writer's status row) back, or, when a worker this
+        process does not control may still use them, let them go without reuse."""
+        if self._writer_may_run:
+            self.staged.discard()
+        else:
+            self.staged.release()
+            if self.status is not None:
+                self.status.release()
 
     def _end(self) -> None:
         self.done = True

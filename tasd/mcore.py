@@ -33,6 +33,7 @@ Needs megatron-core (the ``megatron`` extra).
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -65,8 +66,8 @@ ALGOS = ("fully_parallel", "atomic")
 #: Version of the hollow format (``__getstate__``).
 HOLLOW_VERSION = 1
 
-# Megatron's args carry these enums (TransformerConfig fields and the model type).
-add_safe_enums([ModelType, AttnBackend, CudaGraphScope])
+# Megatron-LM's args carry these enums (TransformerConfig fields, the model type, the exit signal).
+add_safe_enums([ModelType, AttnBackend, CudaGraphScope, signal.Signals])
 
 
 def _check_algo(algo: Any) -> None:

@@ -689,3 +689,66 @@ def test_unguarded_script_is_not_run_again_by_the_persistent_worker(tmp_path):
     assert (tmp_path / "out.dir").is_dir() and not (tmp_path / "out.local").exists()
     result = out.read_text()
     assert "async_fn must be importable" in result and "local_fn" in result
+
+
+# -- a call's own report (CallStatus/TrackedCall), for queues tasd does not hold ---------------------
+
+class _Frozen:
+    def __init__(self):
+        self.count = 0
+
+    def frozen(self):
+        self.count += 1
+
+
+def _start_and_die(status) -> None:
+    status.started()
+    os._exit(3)  # a worker that dies in the middle of its call
+
+
+def test_freeze_tells_the_handle_and_a_tracked_call_reports_from_its_worker(tmp_path):
+    from multiprocessing.reduction import ForkingPickler
+    import multiprocessing as mp
+    from tasd.managers.async_ckpt.status import CallStatus, TrackedCall
+
+    handle = _Frozen()
+    req = AsyncRequest(_sleep, (0.0,), [], handle=handle)
+    req.freeze()
+    assert handle.count == 1, "every queue freezes what it schedules: the handle learns that a queue took it"
+
+    ok, bad = CallStatus(), CallStatus()
+    assert ok.outcome() == (False, None)
+    assert TrackedCall(_write_file, ok)(str(tmp_path / "f"), "x") is None and ok.outcome() == (True, None)
+    with pytest.raises(ValueError, match="boom on rank 1"):
+        TrackedCall(_raise_on_rank, bad)(1, str(tmp_path / "g"))
+    finished, text = bad.outcome()
+    assert finished and "ValueError: boom on rank 1" in text and "_raise_on_rank" in text
+
+    # torch's multiprocessing pickler (megatron-core's persistent worker receives requests so) shares the memory
+    shared = CallStatus()
+    copy = pickle.loads(bytes(ForkingPickler.dumps(TrackedCall(_sleep, shared))))
+    copy(0.0)
+    assert shared.outcome() == (True, None)
+
+    slot = ok._slot  # a status is a row of a shared table: released, the row serves the next call, cleared
+    ok.release()
+    with pytest.raises(ValueError, match="released"):
+        ok.outcome()
+    again = CallStatus()
+    assert again._slot == slot and again.outcome() == (False, None)
+
+    dead = CallStatus()
+    proc = mp.get_context("fork").Process(target=_start_and_die, args=(dead,))
+    proc.start()
+    proc.join(WAIT_S)
+    finished, text = dead.outcome()
+    assert finished and f"pid {proc.pid}" in text and "died" in text
+
+    zombie = CallStatus()  # exited, not yet reaped by its parent (megatron-core joins its fork only when it finalizes)
+    proc = mp.get_context("fork").Process(target=_start_and_die, args=(zombie,))
+    proc.start()
+    deadline = time.monotonic() + WAIT_S
+    while not zombie.outcome()[0] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert zombie.outcome()[0], "an exited worker that is not yet reaped counts as dead"
+    proc.join(WAIT_S)

@@ -229,9 +229,11 @@ def in_flight(rank, world, root):
     with pytest.raises(CheckpointingException, match="already saved or is saving iteration 3; iterations must increase"):
         m.save(BasicTensorAwareStateDict(state(rank, 3)), 3, is_async=True)  # 3 is in flight
     lost = m.save(BasicTensorAwareStateDict(state(rank, 4)), 4, is_async=True)  # never scheduled
-    del lost
     m.save(BasicTensorAwareStateDict(state(rank, 5)), 5)  # sync: finalizes 3, drops 4
     after_sync = (q.get_num_unfinalized_calls(), names(m))
+    with pytest.raises(CheckpointingException, match="4 was not published: its request was never scheduled"):
+        lost.finalize_fns[0]()  # a queue finalizing it late is told it was lost, not that it saved
+    del lost
     m.save(BasicTensorAwareStateDict(state(rank, 6)), 6, is_async=True).execute_sync()
     q.close()
     return two, three, after_sync, m.latest_iteration, names(m)
@@ -243,6 +245,36 @@ def test_saves_in_flight_are_bounded_and_unscheduled_requests_dropped(ranks, tmp
         assert three == (2, 1), "the oldest save was finalized (published) before the third started"
         assert after_sync == (0, [f"iter_0000005_{rank}_local.tasd"]), "iteration 4 dropped, 3 superseded"
         assert latest == 6 and files == [f"iter_0000006_{rank}_local.tasd"]
+
+
+def taken_elsewhere(rank, world, root):
+    """Requests taken by a queue tasd does not hold (it freezes them and tells nothing else): one
+    whose writer ran in that queue's forked worker is waited for and published by the next save;
+    one whose writer never runs fails on every rank once the collective timeout passes (no hang),
+    its buffer is never reused, and that queue's late finalize raises."""
+    import multiprocessing as mp
+    m = manager(root, CLIQUE2)
+    first = m.save(BasicTensorAwareStateDict(state(rank, 1)), 1, is_async=True).freeze()  # "the other queue"
+    worker = mp.get_context("fork").Process(target=first.async_fn, args=first.async_fn_args)
+    worker.start()
+    m.save(BasicTensorAwareStateDict(state(rank, 2)), 2, is_async=True).freeze()  # never runs
+    published = m.latest_iteration  # save 2 waited for save 1's writer and published it
+    worker.join(WAIT_S)
+    first.finalize_fns[0]()  # the other queue finalizes save 1 later: nothing left to do
+    t = time.monotonic()
+    with pytest.raises(CheckpointingException, match="async writer did not finish within") as failed:
+        m.find_latest()
+    waited = time.monotonic() - t
+    return published, str(failed.value), waited, m.find_latest(), names(m)
+
+
+def test_requests_taken_by_another_queue_are_waited_for_and_never_hang(ranks, tmp_path):
+    for rank, (published, error, waited, latest, files) in enumerate(
+            ranks(taken_elsewhere, 2, tmp_path, collective_timeout_s=4)):
+        assert published == 1
+        assert error.startswith(f"rank {rank}: the async save of iteration 2 failed: its async writer did not finish")
+        assert 3.5 < waited < 15, waited
+        assert latest == 1 and files == [f"iter_0000001_{r}_local.tasd" for r in (0, 1)]
 
 
 def test_bad_options():

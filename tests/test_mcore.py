@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -94,7 +95,8 @@ def sharded_sd(rank: int, world: int, tp: int, step: int, fill: float | None = N
            "rng_tracker_states": {"model-parallel-rng": torch.Generator().manual_seed(seed + 1).get_state()}}
     args = argparse.Namespace(tensor_model_parallel_size=tp, lr=1e-3, params_dtype=torch.bfloat16,
                               attention_backend=AttnBackend.auto, cuda_graph_scope=[CudaGraphScope.attn],
-                              model_type=ModelType.encoder_or_decoder, save=None, data_path=["a", "b"])
+                              model_type=ModelType.encoder_or_decoder, save=None, data_path=["a", "b"],
+                              exit_signal=signal.SIGTERM)  # Megatron-LM's validate_args sets it
     per_bucket = f"optimizer.distributed.dp_group_idx_{tp_rank}.per_bucket_numel"
     return {
         "args": args, "checkpoint_version": 3.0, "iteration": step, "num_floating_point_operations_so_far": 1.5e12,
@@ -281,8 +283,8 @@ def test_allow_listed_enums_are_looked_up_never_built():
         safe_loads(pickle.dumps(Evil(), protocol=5))
     with pytest.raises(TypeError, match="enum.Enum classes"):
         add_safe_enums([argparse.Namespace])
-    assert safe_loads(dumps([AttnBackend.flash, CudaGraphScope.moe, ModelType.encoder_or_decoder])) == [
-        AttnBackend.flash, CudaGraphScope.moe, ModelType.encoder_or_decoder]
+    assert safe_loads(dumps([AttnBackend.flash, CudaGraphScope.moe, ModelType.encoder_or_decoder, signal.SIGTERM])) == [
+        AttnBackend.flash, CudaGraphScope.moe, ModelType.encoder_or_decoder, signal.SIGTERM]
 
 
 # -- many ranks --------------------------------------------------------------------------------------

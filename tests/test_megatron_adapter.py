@@ -462,9 +462,90 @@ def test_tasd_requests_run_on_megatron_cores_queue(ranks, tmp_path, persistent):
     for rank, (finalized, errors, latest, ckpt_id) in enumerate(
             ranks(megatron_core_queue_job, 2, tmp_path, persistent, timeout_s=180)):
         assert finalized == [1, 3] and latest == 3 and ckpt_id == (3, rank, "")
-        # rank 1's failed writer fails iteration 2 on every rank (never a hang of the worker loop)
+        # rank 1's failed writer fails iteration 2 on every rank (never a hang of the worker loop),
+        # with the writer's own error, reported from megatron-core's worker
         assert [(it, name) for it, name, _ in errors] == [(2, "CheckpointingException")]
-        assert "rank 1" in errors[0][2] and "not stored" in errors[0][2]
+        assert "rank 1" in errors[0][2] and "async writer of iteration 2 failed" in errors[0][2]
+        assert "IsADirectoryError" in errors[0][2]
+
+
+class Delayed:
+    """An async_fn that sleeps ``seconds`` before running ``fn`` (a slow writer). Module-level:
+    megatron-core's persistent worker unpickles it (this module is imported there by name)."""
+
+    def __init__(self, fn, seconds):
+        self.fn, self.seconds = fn, seconds
+
+    def __call__(self, *args, **kwargs):
+        import time
+        time.sleep(self.seconds)
+        return self.fn(*args, **kwargs)
+
+
+def megatron_training_loop_job(rank, world, root, persistent):
+    """Megatron-LM core_v0.16.1's calls around local async saves, on megatron-core's queue only:
+    ``train()`` calls ``maybe_finalize_async_save(blocking=False)`` at the top of every iteration
+    (it finalizes only calls finished on every rank); ``save_checkpoint`` starts the next save
+    whether or not the last one is finalized (it prints "Starting a checkpoint save before previous
+    has finished"), adds its finalize functions and schedules the request; the end of training
+    finalizes blocking. Slow writers make every save start while the previous one is unfinalized;
+    rank 1's writer of iteration 3 fails."""
+    import time
+    from tasd.adapters import megatron_cpu
+    megatron_cpu.enable()
+    from megatron.core.dist_checkpointing.strategies import async_utils
+    if persistent:
+        async_utils.PersistentAsyncCaller.async_loop = staticmethod(cpu_persistent_async_loop)
+    args = adapter.validate_args(local_args(root, "--replication", "--replication-jump", "1", "--async-save",
+                                            "--use-persistent-ckpt-worker"))
+    manager = adapter.build_checkpoint_manager(args)
+    published = []
+    publish = manager._published
+    manager._published = lambda it: (published.append(it), publish(it))[1]
+    queue = async_utils.AsyncCallsQueue(persistent=persistent)
+    unfinalized, finalized, errors = [], [], []
+    for iteration in (1, 2, 3, 4):
+        queue.maybe_finalize_async_calls(blocking=False, no_dist=False)  # top of train()'s loop
+        unfinalized.append(queue.get_num_unfinalized_calls())  # save_checkpoint's is_empty_async_queue()
+        if iteration == 3 and rank == 1:  # this rank's writer will fail: a directory where it writes
+            os.makedirs(manager.local_ckpt_dir / f"iter_{iteration:07d}_{rank}_local.tasd.pending.dirty")
+        try:
+            request = manager.save(BasicTensorAwareStateDict(rank_state(rank, iteration)), iteration,
+                                   is_async=True)
+        except Exception as e:
+            errors.append((iteration, type(e).__name__, str(e)))
+            continue
+        request = request._replace(async_fn=Delayed(request.async_fn, 1.0))  # keeps the handle
+        request.add_finalize_fn(lambda it=iteration: finalized.append(it))  # Megatron-LM's iter_finalize_fn
+        queue.schedule_async_request(request)
+        time.sleep(0.05)
+    try:
+        queue.maybe_finalize_async_calls(blocking=True, no_dist=False)  # end of training
+    except Exception as e:
+        errors.append(("end", type(e).__name__, str(e)))
+    queue.close()
+    fresh = adapter.build_checkpoint_manager(args)
+    latest = fresh.find_latest()
+    sd, ckpt_id = fresh.load()
+    assert_state(sd.state_dict, rank, 2)
+    return unfinalized, published, finalized, errors, latest, ckpt_id
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["forked", "persistent"])
+def test_a_save_started_before_megatron_finalized_the_last_one_publishes_it(ranks, tmp_path, persistent):
+    """Megatron-LM 0.16.1 starts a save while megatron-core's queue still holds the last one: the
+    last one is waited for (its writer reports from megatron-core's worker) and published, never
+    dropped; a failed writer fails it on every rank, with the writer's error, and megatron-core's
+    later finalize of it says it was not published instead of reporting a save."""
+    for rank, (unfinalized, published, finalized, errors, latest, ckpt_id) in enumerate(
+            ranks(megatron_training_loop_job, 2, tmp_path, persistent, timeout_s=180)):
+        assert unfinalized[0] == 0 and all(n >= 1 for n in unfinalized[1:]), unfinalized
+        assert published == [1, 2], "saves 1 and 2 were published, not dropped"
+        assert finalized == [1, 2]
+        (it, name, text), (end, end_name, end_text) = errors
+        assert (it, name) == (4, "CheckpointingException") and "rank 1" in text and "IsADirectoryError" in text
+        assert (end, end_name) == ("end", "CheckpointingException") and "iteration 3 was not published" in end_text
+        assert latest == 2 and ckpt_id == (2, rank, "")
 
 
 def tasd_queue_job(rank, world, root):

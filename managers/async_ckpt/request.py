@@ -11,9 +11,15 @@ and its return value replaces ``async_fn_args[1]`` (NVRx's convention: argument 
 write). A request with a ``preload_fn`` therefore needs at least two positional arguments.
 
 Handles: the optional last field ``handle`` lets whoever made a request learn what became of its
-call. :class:`tasd.managers.async_ckpt.AsyncCallsQueue` calls two optional methods on it, on the
-scheduling (training) thread, locally (never collective); an exception raised by either is logged
-and does not stop the queue's own bookkeeping:
+call. Three optional methods are called on it, on the scheduling (training) thread, locally (never
+collective); an exception raised by any of them is logged and does not stop the caller's own
+bookkeeping:
+
+- ``handle.frozen()``: by :meth:`AsyncRequest.freeze`, which every queue calls on the requests it
+  schedules (tasd's, megatron-core's, NVRx's): some queue is taking the request. It is the only
+  thing a queue that does not know handles (megatron-core's) tells.
+
+:class:`tasd.managers.async_ckpt.AsyncCallsQueue` also calls:
 
 - ``handle.scheduled(queue, call_idx)``: once the call has its index and is recorded in ``queue``
   (also when its start failed: the call is then recorded as failed and is reported at the next
@@ -24,9 +30,10 @@ and does not stop the queue's own bookkeeping:
   called, no worker still runs the call (it finished, or its worker was killed), so buffers the
   call reads may be reused or freed.
 
-A successful call calls neither: its ``finalize_fns`` run. The handle never leaves the process:
-pickling a request drops it (None in the copy), and the persistent worker never receives it.
-Queues that do not know handles (megatron-core's own ``AsyncCallsQueue``) ignore the field.
+A successful call is never told ``dropped``: its ``finalize_fns`` run. The
+handle never leaves the process: pickling a request drops it (None in the copy), and the persistent
+worker never receives it. Queues that do not know handles (megatron-core's own ``AsyncCallsQueue``)
+ignore the field, except that freezing the request tells ``frozen()``.
 """
 
 from __future__ import annotations
@@ -93,7 +100,9 @@ class AsyncRequest(_AsyncRequestFields):
         self.finalize_fns.append(fn)
 
     def freeze(self) -> "AsyncRequest":
-        """A frozen copy (its own finalize list); the queue freezes every request it schedules."""
+        """A frozen copy (its own finalize list); the queue freezes every request it schedules.
+        Tells the handle ``frozen()`` (see the module docstring)."""
+        notify_frozen(self.handle)
         return self._replace(is_frozen=True, finalize_fns=list(self.finalize_fns))
 
     def check_args(self) -> None:
@@ -127,6 +136,17 @@ class AsyncRequest(_AsyncRequestFields):
             collectives.all_reduce_max([0], collectives.agreement_group())  # a barrier
         for fn in self.finalize_fns:
             fn()
+
+
+def notify_frozen(handle: Any) -> None:
+    """Call ``handle.frozen()`` when the handle has it; log what it raises (local)."""
+    fn = getattr(handle, "frozen", None) if handle is not None else None
+    if fn is None:
+        return
+    try:
+        fn()
+    except Exception:
+        logger.exception("handle %r of an async request raised in frozen()", handle)
 
 
 class _GCDisabledCall:
