@@ -95,3 +95,78 @@ def test_targets_report_ratios_or_why_not():
     stall = by["back-to-back async save stall <= 1.2x a plain copy into preallocated memory"]
     assert stall["met"] is None and stall["why"] == "copy: boom"
     assert not any(v["scenario"] == "restart" for v in verdicts), "targets of scenarios not run are left out"
+
+
+# -- the megatron scenario ---------------------------------------------------------------------------
+def _table(sc: dict, title_end: str) -> list[dict]:
+    (t,) = [t for t in sc["tables"] if t["title"].endswith(title_end)]
+    return [dict(zip(t["columns"], row)) for row in t["rows"]]
+
+
+@pytest.mark.timeout(600)
+def test_quick_megatron_scenario_reports_stalls_saves_resumes_bytes_and_flat_exchange_counts(tmp_path):
+    pytest.importorskip("megatron.core")
+    out_json, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    out = run_cli("bench", "--quick", "--scenario", "megatron", "--json", str(out_json), "--markdown", str(md),
+                  "--dir", str(tmp_path), timeout=540)
+    assert out.returncode == 0, out.stdout + out.stderr
+    sc = json.loads(out_json.read_text())["scenarios"]["megatron"]
+    by = {f["method"]: f for f in sc["figures"]}
+    timed = ("copy", "tasd_fp_async", "tasd_atomic_async", "tasd_fp_sync", "tasd_atomic_sync", "torch_save",
+             "mcore_dist_save")
+    for name in timed + ("tasd_fp_resume", "tasd_atomic_resume", "torch_resume"):
+        f = by[name]
+        assert f["error"] is None and f["median_s"] > 0, name
+        assert len(f["times_s"]) == (sc["config"]["repeats"] if name in timed else sc["config"]["load_repeats"])
+        p = f["params"]
+        assert (p["world"], p["tp"], p["dp"], p["factor"]) == (2, 1, 2, 2) and p["nbytes"] > 0 and p["n_tensors"] > 0
+        assert p["phase"] == ("save" if name in timed else "resume")
+    assert by["mcore_dist_async"]["error"].startswith("needs CUDA")
+    # ratios stay within a phase: a stall is compared with saves, a resume with resumes
+    assert set(by["tasd_fp_async"]["ratios"]) == {"copy", "tasd_atomic_async", "tasd_fp_sync", "tasd_atomic_sync",
+                                                  "torch_save", "mcore_dist_save"}
+    assert set(by["tasd_fp_resume"]["ratios"]) == {"tasd_atomic_resume", "torch_resume"}
+    # bytes: fully parallel keeps and writes about 1/DP of the DP-replicated bytes, the rest as atomic
+    fp, atomic = by["tasd_fp_sync"]["values"], by["tasd_atomic_sync"]["values"]
+    assert fp["part_bytes"] < atomic["part_bytes"] and fp["replicated_bytes"] < atomic["replicated_bytes"]
+    assert fp["replicated_bytes"] == pytest.approx(atomic["replicated_bytes"] / 2, rel=0.1)
+    rows = _table(sc, "what each rank keeps and writes per save")
+    assert {(r["rank"], r["algo"]) for r in rows} == {(0, "fully_parallel"), (0, "atomic"), (1, "fully_parallel"),
+                                                      (1, "atomic")}
+    kept = {a: sum(r["DP-replicated MiB"] for r in rows if r["algo"] == a) for a in ("fully_parallel", "atomic")}
+    assert kept["fully_parallel"] == pytest.approx(kept["atomic"] / 2)  # each replicated shard saved once of DP=2
+    (target,) = [t for t in json.loads(out_json.read_text())["targets"] if t["scenario"] == "megatron"]
+    assert target["ratio"] == pytest.approx(fp["replicated_bytes"] / atomic["replicated_bytes"])
+    assert target["met"] == (target["ratio"] <= target["bound"])
+    # the exchange: a fixed number of operations per pair of ranks, whatever the tensor count
+    small, large = _table(sc, "operations of a fully parallel to_state_dict")
+    assert (small["layers"], large["layers"]) == (2, 8)
+    assert large["ShardedTensors per rank"] > small["ShardedTensors per rank"]
+    assert large["shards fetched per rank"] > small["shards fetched per rank"] > 0
+    assert small["ops per pair (max)"] == large["ops per pair (max)"] == large["ops per pair (min)"] > 0
+    assert len(sc["notes"]) >= len(by)  # a note per figure, and more
+    text = md.read_text()
+    assert "#### megatron: what each rank keeps and writes per save" in text and "| **tasd_fp_resume** |" in text
+
+
+def test_megatron_scenario_says_why_it_cannot_run_on_every_row(tmp_path):
+    from tasd.bench.harness import Context
+    from tasd.bench.megatron_scenario import MegatronConfig, megatron
+
+    res = megatron(MegatronConfig.quick(), Context(tmp_path, nvrx=False, cuda=True))
+    cfg = MegatronConfig.quick()
+    assert [f.method for f in res.figures] == [*cfg.methods, *cfg.resumes]
+    assert all(f.error and "CUDA" in f.error and not f.times_s for f in res.figures)
+    assert res.tables == [] and not any(tmp_path.iterdir())
+
+
+def test_targets_compare_values_and_filter_on_params():
+    def fig(method, dp, values):
+        return Figure("megatron", method, method, "tasd", {"dp": dp, "n_tensors": 80}, times_s=[0.1], values=values)
+    verdicts = judge({"megatron": [fig("tasd_fp_sync", 4, {"replicated_bytes": 1}),
+                                   fig("tasd_fp_sync", 2, {"replicated_bytes": 60}),
+                                   fig("tasd_atomic_sync", 2, {"replicated_bytes": 100})]})
+    (v,) = verdicts
+    assert v["ratio"] == pytest.approx(0.6) and v["met"] is False  # the DP 2 figures, not the DP 4 one
+    (v,) = judge({"megatron": [fig("tasd_fp_sync", 2, {}), fig("tasd_atomic_sync", 2, {"replicated_bytes": 9})]})
+    assert v["met"] is None and v["why"] == "tasd_fp_sync: not measured in this run"

@@ -46,13 +46,25 @@ class Context:
 
 
 @dataclass
+class ExtraTable:
+    """A table of what a scenario measured besides times (bytes, operation counts), shown after
+    its main table and kept in the JSON (``tables``) and the Markdown: ``rows`` of plain values
+    (ints, floats, strings), one per row, in the order of ``columns``."""
+
+    title: str
+    columns: list[str]
+    rows: list[list] = field(default_factory=list)
+
+
+@dataclass
 class ScenarioResult:
     """A scenario's figures, the parameter its plot puts on the x axis (None: a bar chart of one
-    point) and notes for the reader."""
+    point), notes for the reader and extra tables."""
 
     figures: list[Figure]
     x: str | None = None
     notes: list[str] = field(default_factory=list)
+    tables: list[ExtraTable] = field(default_factory=list)
 
 
 def _short(failure: BaseException) -> str:

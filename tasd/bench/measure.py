@@ -198,7 +198,8 @@ class Figure:
     size_bytes per rank, factor, ...). ``kind``: "tasd", "limit" (what the machine allows) or
     "peer". ``times_s``: the slowest rank's time per repeat. ``nbytes``: the bytes per rank the
     bandwidth is computed over. ``ratios``: this figure's median over each other figure's median
-    in the same group ("vs NAME"), filled by :func:`add_ratios`. ``error``: why it has no times."""
+    in the same group ("vs NAME"), filled by :func:`add_ratios`. ``error``: why it has no times.
+    ``values``: other quantities measured with it (bytes, counts), by name (a scenario says which)."""
 
     scenario: str
     method: str
@@ -213,6 +214,7 @@ class Figure:
     disk_write_bytes: int | None = None
     ratios: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    values: dict[str, float] = field(default_factory=dict)
 
     @property
     def median_s(self) -> float | None:

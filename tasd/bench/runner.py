@@ -8,6 +8,7 @@ exit code is then 1.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -101,6 +102,9 @@ def _point(f: Figure) -> str:
         p = f.params
         return f"W{p['world']:,} F{p['factor']} {p['strategy']}, {p['lost_ranks']:,} lost"
     p = f.params
+    if "tp" in p:  # the megatron scenario: a GPT's parallelism and size
+        return (f"W{p['world']} TP{p['tp']} DP{p['dp']} F{p['factor']} GPT L{p['layers']} h{p['hidden']} "
+                f"{p['nbytes'] / (1 << 20):.0f}MiB x{p['n_tensors']:,}")
     lost = f", rank {p['lost']} lost" if p.get("lost") is not None else ""
     return f"W{p['world']} F{p['factor']} {p['nbytes'] / (1 << 20):.0f}MiB x{p['n_tensors']:,}{lost}"
 
@@ -131,8 +135,28 @@ def table(name: str, figures: list[Figure]) -> Table:
     return t
 
 
+def _cell(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return "-" if v is None else str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:,.2f}"
+    return str(v)
+
+
+def extra_table(t: dict) -> Table:
+    """A scenario's extra table (:class:`tasd.bench.harness.ExtraTable` as a dict) as a rich Table."""
+    out = Table(title=t["title"], title_justify="left")
+    for i, c in enumerate(t["columns"]):
+        out.add_column(c, justify="right" if i else "left", overflow="fold")
+    for row in t["rows"]:
+        out.add_row(*(_cell(v) for v in row))
+    return out
+
+
 def targets_table(verdicts: list[dict]) -> Table:
-    t = Table(title="targets (ratios of medians from this run)", title_justify="left")
+    t = Table(title="targets (ratios of figures from this run)", title_justify="left")
     for c in ("target", "ratio", "verdict"):
         t.add_column(c, justify="right" if c == "ratio" else "left")
     for v in verdicts:
@@ -159,6 +183,10 @@ def markdown(report: dict) -> str:
             cells = [f"**{c}**" if f.kind == "tasd" and i in (1, 2) else c for i, c in enumerate(row)]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+        for t in sc.get("tables", []):
+            out += [f"#### {t['title']}", "", "| " + " | ".join(t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
+            out += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in t["rows"]]
+            out.append("")
     out += ["### Targets", "", "| target | ratio | verdict |", "|---|---|---|"]
     for v in report["targets"]:
         verdict = "met" if v["met"] else ("**missed**" if v["met"] is False else f"n/a: {v['why']}")
@@ -221,8 +249,11 @@ def run_bench(names: Sequence[str] | None = None, *, quick: bool = False, json_p
                     progress.console.print(f"{name} failed: {escape(entry['error'])}", style="red")
                 else:
                     results[name] = res.figures
-                    entry.update(x=res.x, notes=res.notes, figures=[f.to_json() for f in res.figures])
+                    entry.update(x=res.x, notes=res.notes, figures=[f.to_json() for f in res.figures],
+                                 tables=[dataclasses.asdict(t) for t in res.tables])
                     progress.console.print(table(name, res.figures))
+                    for extra in entry["tables"]:
+                        progress.console.print(extra_table(extra))
                     for note in res.notes:
                         progress.console.print(escape(note), style="dim")
                     if plots_dir:
@@ -252,5 +283,4 @@ def _plot(name: str, res: ScenarioResult, directory: Path, m: dict) -> Path | No
 
 
 def _as_dict(cfg: Any) -> dict:
-    import dataclasses
     return dataclasses.asdict(cfg)

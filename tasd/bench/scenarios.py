@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from tasd.bench.harness import Context, ScenarioResult, load_point, measure_points
 from tasd.bench.measure import Figure, add_ratios
+from tasd.bench.megatron_scenario import MegatronConfig, megatron
 from tasd.bench.methods import Point
 
 MiB = 1 << 20
@@ -330,4 +331,6 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("factor_sweep", FactorSweepConfig, factor_sweep, "save figures against replication factor"),
     Scenario("size_sweep", SizeSweepConfig, size_sweep, "save figures against state size"),
     Scenario("scale", ScaleConfig, scale, "find_latest and recovery planning simulated at 16k-1M ranks"),
+    Scenario("megatron", MegatronConfig, megatron,
+             "Megatron GPT with its distributed optimizer: async stall, save, resume, bytes, exchange operations"),
 )}
