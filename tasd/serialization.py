@@ -20,8 +20,8 @@ whose entries are of three kinds:
   added with :func:`add_safe_globals`, called with whatever arguments the bytes hold. Add only
   classes whose constructor and ``__setstate__`` do work proportional to their arguments. Adding a
   checked callable (e.g. ``numpy.dtype``) makes it trusted: its checks no longer apply. A global
-  named in a module of tasd's own (``tasd`` and ``tasd.*``) that is not allowed yet makes the
-  decoder import that module, which registers its classes (only tasd's code runs): a fresh
+  named in one of tasd's backend modules (:data:`LIBRARY_MODULES`) that is not allowed yet makes
+  the decoder import that module, which registers its classes (only those modules of tasd run): a fresh
   process that has not imported ``tasd.mcore``, e.g. a restarted rank receiving its MCore part
   from a peer, still decodes it.
 
@@ -386,12 +386,17 @@ class _Policy:
             raise _refuse(f"cannot add items to a {type(target).__qualname__}")
 
 
+#: tasd's modules whose classes register themselves on import (:func:`register_library_class`):
+#: the only modules the decoder imports on demand. A new backend adds its module here.
+LIBRARY_MODULES = frozenset({"tasd", "tasd.state_dict", "tasd.basic", "tasd.mcore", "tasd.fsdp"})
+
+
 def _import_library_module(module: str) -> bool:
-    """Import ``module`` when it is one of tasd's own (``tasd`` or ``tasd.*``; its classes register
-    themselves on import: see :func:`register_library_class`); True when it is imported now. Any
-    other module, or one that does not import (no such module, or an extra not installed: e.g.
-    ``tasd.mcore`` without megatron-core), gives False and the global stays refused."""
-    if module != "tasd" and not module.startswith("tasd."):
+    """Import ``module`` when it is one of :data:`LIBRARY_MODULES` (tasd's backends, whose classes
+    register themselves on import); True when it is imported now. Any other module, or one that
+    does not import (an extra not installed: e.g. ``tasd.mcore`` without megatron-core), gives
+    False and the global stays refused: bytes from disk or a peer never make other code run."""
+    if module not in LIBRARY_MODULES:
         return False
     if module in sys.modules:
         return True

@@ -344,12 +344,18 @@ def test_a_fresh_process_decodes_classes_of_tasd_modules_it_has_not_imported():
         from tasd.serialization import safe_loads
         assert "tasd.mcore" not in sys.modules
         obj = safe_loads(sys.stdin.buffer.read())
+        for name in ("tasd.cli", "tasd.adapters.megatron_cpu"):
+            try:
+                safe_loads(b"\\x80\\x04c" + name.encode() + b"\\nX\\n.")
+            except Exception:
+                pass
+            assert name not in sys.modules, name
         print(type(obj).__module__, type(obj).__qualname__, obj.common_state_dict["iteration"])
     """)
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], input=dumps(sd), capture_output=True,
                          timeout=120, cwd=ROOT)
     assert out.stdout.decode().split() == ["tasd.mcore", "MCoreTensorAwareStateDict", "7"], out.stderr.decode()[-2000:]
-    # Only modules of tasd's own are imported, and only ones that exist.
-    for module in ("tasd.no_such_module", "tasdx", "os"):
+    # Only tasd's backend modules are imported, and only ones that exist: never other tasd code.
+    for module in ("tasd.no_such_module", "tasdx", "os", "tasd.cli", "tasd.adapters.megatron_cpu"):
         with pytest.raises(UnsafeCheckpointError, match=f"{module}.X is not allowed"):
             safe_loads(PROTO + glob(module, "X") + pickle.STOP)
