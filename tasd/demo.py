@@ -46,6 +46,16 @@ LOST_STEPS = 2  # steps trained after the last checkpoint, lost in the "crash"
 _BATCH, _IN, _HIDDEN, _OUT = 16, 32, 64, 8
 
 
+def print_rank_failures(console: Console, error: RankFailure) -> None:
+    """Print each failed rank's report, identical tracebacks once (ranks grouped)."""
+    by_report: dict[str, list[int]] = {}
+    for rank, report in sorted(error.failures.items()):
+        by_report.setdefault(report, []).append(rank)
+    for report, failed in by_report.items():
+        console.print(f"--- rank(s) {', '.join(map(str, failed))} ---\n{report}",
+                      markup=False, highlight=False, soft_wrap=True)
+
+
 def _build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The same model on every rank (fixed seed) and an Adam optimizer."""
     torch.manual_seed(0)
@@ -260,12 +270,7 @@ def run_demo(ranks: int = 4, steps: int = 12, save_every: int = 4, directory: st
             console.print("[bold red]demo FAILED[/]: the restored or resumed state differs (see above)")
     except RankFailure as e:
         console.print(f"[bold red]demo FAILED[/]: ranks {sorted(e.failures)} failed")
-        by_report: dict[str, list[int]] = {}
-        for rank, report in sorted(e.failures.items()):
-            by_report.setdefault(report, []).append(rank)
-        for report, failed in by_report.items():  # identical tracebacks printed once
-            console.print(f"--- rank(s) {', '.join(map(str, failed))} ---\n{report}",
-                          markup=False, highlight=False, soft_wrap=True)
+        print_rank_failures(console, e)
     finally:
         if ok and not keep:
             shutil.rmtree(session_dir if directory else root, ignore_errors=True)

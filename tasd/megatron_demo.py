@@ -65,7 +65,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tasd.demo import _mismatches
+from tasd.demo import _mismatches, print_rank_failures
 from tasd.launch import RankFailure, run_ranks
 
 logger = logging.getLogger(__name__)
@@ -629,12 +629,7 @@ def run_megatron_demo(ranks: int = 4, tp: int = 2, steps: int = 12, save_every: 
     except RankFailure as e:
         result.error = str(e)
         console.print(f"[bold red]demo FAILED[/]: ranks {sorted(e.failures)} failed")
-        by_report: dict[str, list[int]] = {}
-        for rank, report in sorted(e.failures.items()):
-            by_report.setdefault(report, []).append(rank)
-        for report, failed in by_report.items():  # identical tracebacks printed once
-            console.print(f"--- rank(s) {', '.join(map(str, failed))} ---\n{report}",
-                          markup=False, highlight=False, soft_wrap=True)
+        print_rank_failures(console, e)
     finally:
         if result.ok and not keep:
             shutil.rmtree(session_dir if directory else root, ignore_errors=True)
