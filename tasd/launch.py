@@ -33,6 +33,10 @@ def _rank_main(fn: Callable, rank: int, world_size: int, store_path: str, timeou
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
         try:
+            # Every rank has finished connecting before any runs ``fn``: a rank whose ``fn`` returns
+            # at once would otherwise exit while a peer is still connecting to it (that peer's init
+            # then fails with "connection closed by peer").
+            dist.barrier()
             out = fn(rank, world_size, *args, **kwargs)
         finally:
             dist.destroy_process_group()
