@@ -184,14 +184,7 @@ class BaseCheckpointManager(ABC):
         strategy = self.repl_strategy
         if strategy is None or not collectives.is_distributed() or strategy._groups is not None:
             return
-
-        def create() -> None:
-            try:
-                strategy.exchange_groups  # noqa: B018 - creates them
-            except Exception:
-                logger.warning("rank %d: creating the replica exchange groups failed (retried when they are needed)",
-                               self.rank, exc_info=True)
-        self._background().submit(create)
+        self._background().submit(strategy._create_in_background)
 
     def _agree_or_raise(self, error: BaseException | None, iteration: int, what: str, extra: int = 0) -> int:
         return agree_or_raise(error, iteration, what, self._groups_ready(), extra)

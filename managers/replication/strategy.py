@@ -163,6 +163,9 @@ class ReplicationStrategy(abc.ABC):
         return self._groups
 
     def _create_in_background(self) -> None:
+        """Create the exchange groups (as ``exchange_groups`` does) on a background thread: a
+        failure is logged, not raised; the next access of ``exchange_groups`` tries again and
+        raises."""
         try:
             self.exchange_groups  # noqa: B018 - creates them
         except Exception:
