@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tasd.managers.subgroups import GroupTree, Subgroup, group_tree
+from tasd.managers.subgroups import GroupTree, Subgroup, backend_timeout, group_tree
 
 
 def is_distributed() -> bool:
@@ -39,11 +39,7 @@ def group_timeout(group: Any = None) -> Any:
         return None
     if isinstance(group, (GroupTree, Subgroup)):
         return group.timeout
-    pg = group if group is not None else dist.group.WORLD
-    try:
-        return pg._get_backend(torch.device("cpu")).options._timeout
-    except Exception:  # private API, or a group without a CPU backend (NCCL only)
-        return None
+    return backend_timeout(group if group is not None else dist.group.WORLD)
 
 
 #: Longest error text a rank contributes to :func:`gather_failures` (characters).

@@ -114,16 +114,25 @@ def _same_world() -> None:
         _cache_owner[0] = owner
 
 
+def backend_timeout(pg: Any) -> datetime.timedelta | None:
+    """The timeout torch process group ``pg``'s CPU backend was created with, or None when it
+    cannot be read (private API, or a group without a CPU backend: NCCL only)."""
+    try:
+        return pg._get_backend(torch.device("cpu")).options._timeout
+    except Exception:
+        return None
+
+
 def job_timeout() -> datetime.timedelta:
     """The default process group's collective timeout (new groups inherit it), or
     :data:`DEFAULT_TIMEOUT` when it cannot be read."""
-    try:
-        return dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout
-    except Exception:  # private API, or a backend without a CPU side (NCCL only)
+    timeout = backend_timeout(dist.distributed_c10d._get_default_group())
+    if timeout is None:
         try:
             return dist.distributed_c10d._get_pg_default_timeout()  # type: ignore[attr-defined]
         except Exception:
             return DEFAULT_TIMEOUT
+    return timeout
 
 
 def subgroups(specs: Iterable[tuple[str, Sequence[int]]], timeout: datetime.timedelta | None = None) -> list[Subgroup]:
