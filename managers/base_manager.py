@@ -205,10 +205,14 @@ class BaseCheckpointManager(ABC):
 
     def _snapshot(self, sd: TensorAwareStateDict, pool: HostBufferPool) -> tuple[bytes, Staged]:
         """Hollow bytes and staged tensors of ``sd`` (in a buffer of ``pool``); ``sd`` is left as it
-        was. Raises TypeError when the hollow state cannot be pickled, or names a class that a
-        load would refuse (tasd.serialization.dumps)."""
+        was. Device-to-host copies are queued first and may still be in flight on return (the
+        hollow state is pickled meanwhile; ``Staged.wait``). Raises TypeError when the hollow state
+        cannot be pickled, or names a class that a load would refuse (tasd.serialization.dumps),
+        having released the buffer."""
         tensors = sd.pop_tensors()
+        staged: Staged | None = None
         try:
+            staged = stage(tensors, pool, non_blocking=True)
             try:
                 hollow = dumps(sd)
             except TypeError:
@@ -216,7 +220,10 @@ class BaseCheckpointManager(ABC):
             except Exception as e:
                 where = find_unpicklable(getattr(sd, "state_dict", None))
                 raise TypeError(f"state dict cannot be pickled{f' at entry {where!r}' if where else ''}: {e}") from e
-            staged = stage(tensors, pool)
+        except BaseException:
+            if staged is not None:
+                staged.release()
+            raise
         finally:
             sd.insert_tensors(tensors)
         return hollow, staged
@@ -237,7 +244,8 @@ class BaseCheckpointManager(ABC):
         A hollow state that a load could not decode (a class outside the allow-list) raises
         TypeError naming the class.
 
-        ``is_async=True``: returns once the tensors are staged (and every rank has staged), with an
+        ``is_async=True``: returns once this rank's tensors are staged and every rank agreed to the
+        save (the agreement runs while the device-to-host copies do), with an
         :class:`AsyncRequest` to schedule on an AsyncCallsQueue (persistent or not) or run with
         ``execute_sync()``; the exchange with peers runs meanwhile in a background thread. The
         request's finalize function publishes (collective: finalize with
@@ -270,9 +278,13 @@ class BaseCheckpointManager(ABC):
         return job.request()                                         # 3. in a worker; 4. its finalize
 
     def _begin_save(self, sd: TensorAwareStateDict, iteration: int, is_async: bool) -> SaveJob:
-        """Step 1: check the arguments, stage ``sd``, prepare storage, then agree with every rank
-        (one all_reduce, which also agrees the save id). Raises on every rank when any rank failed,
-        having released what it staged."""
+        """Step 1: check the arguments, start staging ``sd`` (its device-to-host copies queued),
+        prepare storage, then agree with every rank (one all_reduce, which also agrees the save
+        id) while the copies run, then wait for them. Raises on every rank when any rank failed
+        before the agreement, having released what it staged. The copies' own failure (a CUDA
+        error, known only once they are waited for) comes after the agreement: it is recorded as
+        the job's ``error``, so the save is not replicated or stored here and its finalize fails
+        on every rank."""
         t0 = time.perf_counter()
         error: BaseException | None = None
         staged: Staged | None = None
@@ -291,13 +303,19 @@ class BaseCheckpointManager(ABC):
                             save_id=identity.save_id(nonce), job_id=self.job_id)
             owners = [self.rank] + ([] if self.repl_strategy is None
                                     else sorted(self.repl_strategy.held_owners(self.rank, self.world_size)))
-            stats = SaveStats(iteration=iteration, stage_s=time.perf_counter() - t0,
-                              tensor_bytes=staged.buffer.numel(), is_async=is_async)
-            return SaveJob(self, meta, hollow, staged, owners, stats, t0, is_async)
+            stats = SaveStats(iteration=iteration, tensor_bytes=staged.buffer.numel(), is_async=is_async)
+            job = SaveJob(self, meta, hollow, staged, owners, stats, t0, is_async)
         except BaseException:
             if staged is not None:
                 staged.release()
             raise
+        try:
+            staged.wait()
+        except Exception as e:  # noqa: BLE001 - agreed at finalize, like a failed write
+            job.error = CheckpointingException(f"rank {self.rank}: the device-to-host copies of iteration "
+                                               f"{iteration} failed: {e}")
+        stats.stage_s = time.perf_counter() - t0
+        return job
 
     def _published(self, iteration: int) -> None:
         """Called by a SaveJob once its iteration is published everywhere."""

@@ -4,9 +4,11 @@ what it cost (:class:`SaveStats`).
 The save protocol, in order (every step that can fail on one rank is followed by an agreement, so
 a failure anywhere becomes an error on every rank and removes the iteration's files everywhere):
 
-1. **begin** (``BaseCheckpointManager.save``, training thread): check the arguments, stage the
-   tensors into a host buffer, prepare storage; agree (one all_reduce: every rank staged, same
-   iteration, and the save id: the maximum of every rank's random draw).
+1. **begin** (``BaseCheckpointManager.save``, training thread): check the arguments, queue the
+   copies of the tensors into a host buffer, pickle the hollow state, prepare storage; agree (one
+   all_reduce: every rank staged, same iteration, and the save id: the maximum of every rank's
+   random draw) while the device-to-host copies run; wait for them (their CUDA error, if any, is
+   this rank's failure, reported in step 4's agreement).
 2. **replicate** (with a strategy; inline for a synchronous save, in the manager's background
    thread for an asynchronous one): encode the part, exchange parts with the peers on the
    strategy's exchange groups (pairwise with each peer: a failure on one rank calls off only its
@@ -126,9 +128,10 @@ class SaveJob:
         (created beforehand, on the training thread)."""
         m = self.manager
         t = time.perf_counter()
-        failure = None
+        failure = self.error  # the staging copies failed (step 1): nothing worth sending
         try:
-            self.prefix = encode_prefix(self.meta, self.hollow, self.staged.layouts, self.staged.buffer)
+            if failure is None:
+                self.prefix = encode_prefix(self.meta, self.hollow, self.staged.layouts, self.staged.buffer)
         except Exception as e:
             failure = e
         self.stats.encode_s = time.perf_counter() - t

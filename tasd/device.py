@@ -15,6 +15,7 @@ import math
 import mmap
 import threading
 import weakref
+from typing import Any
 
 import torch
 
@@ -54,6 +55,28 @@ def synchronize_stream() -> None:
         _sync_calls += 1
     if cuda_available() and torch.cuda.is_initialized():
         torch.cuda.current_stream().synchronize()
+
+
+def record_event() -> Any:
+    """A CUDA event recorded on this thread's current stream (None without CUDA in use): waiting
+    for it (:func:`wait_event`, from any thread) waits for the work queued on that stream so far
+    and no more."""
+    if cuda_available() and torch.cuda.is_initialized():
+        event = torch.cuda.Event()
+        event.record()
+        return event
+    return None
+
+
+def wait_event(event: Any) -> None:
+    """Wait for ``event`` from :func:`record_event` (None: nothing to wait for). Counted by
+    :func:`sync_count` like :func:`synchronize`; raises what CUDA raises."""
+    global _sync_calls
+    if event is None:
+        return
+    with _sync_lock:
+        _sync_calls += 1
+    event.synchronize()
 
 
 def sync_count() -> int:

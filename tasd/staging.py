@@ -18,7 +18,7 @@ import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -347,23 +347,52 @@ def default_pool(shared: bool = False) -> HostBufferPool:
 @dataclass
 class Staged:
     """Tensors copied into one pooled buffer: tensor ``i`` is at ``layouts[i]`` inside ``buffer``;
-    ``devices[i]`` is the device it came from."""
+    ``devices[i]`` is the device it came from. ``copies``: while device-to-host copies queued by
+    ``stage(non_blocking=True)`` may still be in flight, the CUDA event recorded after them
+    (:meth:`wait` before reading the buffer), else None."""
 
     buffer: torch.Tensor
     layouts: Layout
     devices: list[str]
     pool: HostBufferPool
+    copies: Any = None
+
+    def wait(self) -> None:
+        """Wait for the pending device-to-host copies (their event; from any thread; nothing when
+        none are pending). Raises what CUDA raises (an error of the copies, or a sticky error of
+        earlier work); the copies then count as still pending."""
+        if self.copies is not None:
+            device.wait_event(self.copies)
+            self.copies = None
+
+    def _settle(self) -> bool:
+        """Wait for pending copies before the buffer is let go; False when that failed (the copies'
+        state is unknown, so the buffer must never be reused)."""
+        try:
+            self.wait()
+            return True
+        except Exception as e:  # noqa: BLE001 - the caller is already failing or finishing
+            logger.warning("waiting for the device-to-host copies into a staging buffer failed (%s): the buffer "
+                           "is not reused", e)
+            return False
 
     def release(self) -> None:
-        """Return the buffer to its pool; nothing may read it afterwards. Idempotent."""
+        """Return the buffer to its pool (after its pending copies; a buffer whose copies could
+        not be waited for is let go instead, never reused); nothing may read it afterwards.
+        Idempotent."""
         if self.buffer is not None:
+            if not self._settle():
+                self.discard()
+                return
             self.pool.release(self.buffer)
             self.buffer = None  # type: ignore[assignment]
 
     def discard(self) -> None:
         """Let go of the buffer without pooling it, for a buffer a worker may still read
-        (:meth:`HostBufferPool.forget`). Idempotent."""
+        (:meth:`HostBufferPool.forget`), after waiting for its pending copies (best effort).
+        Idempotent."""
         if self.buffer is not None:
+            self._settle()
             self.pool.forget(self.buffer)
             self.buffer = None  # type: ignore[assignment]
 
@@ -373,9 +402,9 @@ def stage(tensors: Sequence[torch.Tensor], pool: HostBufferPool | None = None,
     """Copy ``tensors`` into one buffer from ``pool`` (:func:`plan_layout` places them).
     Device-to-host copies are queued on the current CUDA stream; without ``non_blocking`` this
     waits for that stream once (not for the whole device: the training's other streams go on).
-    With ``non_blocking`` they may still be in flight on return (call
-    :func:`tasd.device.synchronize_stream` before reading). TypeError naming the tensor's index
-    for a tensor that cannot be staged (:func:`check_stageable`). Not collective.
+    With ``non_blocking`` they may still be in flight on return (``Staged.copies``; call
+    :meth:`Staged.wait` before reading; releasing the buffer waits for them). TypeError naming
+    the tensor's index for a tensor that cannot be staged (:func:`check_stageable`). Not collective.
 
     The cost per tensor is a few microseconds of Python once the structure was staged before:
     the layout and the buffer's views are cached, and the copies are one ``torch._foreach_copy_``.
@@ -388,16 +417,23 @@ def stage(tensors: Sequence[torch.Tensor], pool: HostBufferPool | None = None,
             raise TypeError(f"tensor {i} {reason}")
     layout = plan_layout(tensors)
     buffer = pool.acquire(layout.nbytes)
+    devices = [t.device for t in tensors]
+    on_device = any(d.type == "cuda" for d in set(devices))
     try:
-        devices = [t.device for t in tensors]
-        on_device = any(d.type == "cuda" for d in set(devices))
         if tensors:
             with torch.no_grad():  # the copies are snapshots, never part of an autograd graph
                 torch._foreach_copy_(pool.views(buffer, layout), tensors, non_blocking=on_device)
         if on_device and not non_blocking:
             device.synchronize_stream()
     except BaseException:
+        if on_device and non_blocking:  # copies queued before the failure may still run
+            try:
+                device.synchronize_stream()
+            except Exception:  # noqa: BLE001 - their state is unknown: never reuse the buffer
+                pool.forget(buffer)
+                raise
         pool.release(buffer)
         raise
     names = {d: str(d) for d in set(devices)}
-    return Staged(buffer, layout, [names[d] for d in devices], pool)
+    copies = device.record_event() if on_device and non_blocking else None
+    return Staged(buffer, layout, [names[d] for d in devices], pool, copies)

@@ -218,6 +218,44 @@ def test_failed_async_save_is_removed_when_it_raises(ranks, tmp_path, persistent
         assert in_use == 0, "the staging buffer went back to its pool"
 
 
+def copies_fail_after_the_agreement(rank, world, root, is_async):
+    """Save 1, then save 2 where rank 1's device-to-host copies fail when waited for (as a CUDA
+    error surfaces: after the agreement, which runs while the copies do)."""
+    from tasd import staging
+    pool = HostBufferPool(shared=True)
+    m = LocalCheckpointManager(root, SESSION, RingReplicationStrategy(1, 2), pool=pool, async_pool=pool)
+    m.save(BasicTensorAwareStateDict(state(rank, 1)), 1)
+    if rank == 1:
+        def failing_wait(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        staging.Staged.wait = failing_wait
+    queue = AsyncCallsQueue(persistent=False)
+    try:
+        if is_async:
+            queue.schedule_async_request(m.save(BasicTensorAwareStateDict(state(rank, 2)), 2, is_async=True))
+            queue.maybe_finalize_async_calls(blocking=True)
+        else:
+            m.save(BasicTensorAwareStateDict(state(rank, 2)), 2)
+        error = None
+    except CheckpointingException as e:
+        error = str(e)
+    queue.close()
+    left = sorted(os.listdir(m.local_ckpt_dir))
+    return error, left, pool.in_use_bytes, load(rank, world, root, strategy=RingReplicationStrategy(1, 2))
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_copies_failing_after_the_agreement_fail_the_save_everywhere(ranks, tmp_path, is_async):
+    for rank, (error, left, in_use, loaded) in enumerate(ranks(copies_fail_after_the_agreement, 2, tmp_path,
+                                                               is_async)):
+        assert error and "rank 1" in error, error
+        if rank == 1:
+            assert "device-to-host copies of iteration 2 failed" in error and "illegal memory access" in error
+        assert left == [f"iter_0000001_{o}_local.tasd" for o in (0, 1)], "no trace of iteration 2"
+        assert in_use == 0, "the staging buffers went back to their pool"
+        assert loaded == (1, rank * 100 + 1.0), "the last good checkpoint stays"
+
+
 # -- a checkpoint is one save of one run ---------------------------------------------------------
 
 def die_in_publish(rank, world, root, run, renames):
