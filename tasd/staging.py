@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from tasd import device
+from tasd import bounce, device
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +407,9 @@ def stage(tensors: Sequence[torch.Tensor], pool: HostBufferPool | None = None,
     the tensor's index for a tensor that cannot be staged (:func:`check_stageable`). Not collective.
 
     The cost per tensor is a few microseconds of Python once the structure was staged before:
-    the layout and the buffer's views are cached, and the copies are one ``torch._foreach_copy_``.
+    the layout and the buffer's views are cached, and the copies are one ``torch._foreach_copy_``
+    (host tensors) or, from a CUDA device, a few gathering kernels and transfers for the small
+    tensors (:mod:`tasd.bounce`) and one copy per large one.
     """
     pool = pool or default_pool()
     tensors = list(tensors)
@@ -422,7 +424,10 @@ def stage(tensors: Sequence[torch.Tensor], pool: HostBufferPool | None = None,
     try:
         if tensors:
             with torch.no_grad():  # the copies are snapshots, never part of an autograd graph
-                torch._foreach_copy_(pool.views(buffer, layout), tensors, non_blocking=on_device)
+                if on_device:  # small device tensors go in a few transfers (tasd.bounce)
+                    bounce.copy_to_host(tensors, devices, layout, buffer, pool.views(buffer, layout))
+                else:
+                    torch._foreach_copy_(pool.views(buffer, layout), tensors)
         if on_device and not non_blocking:
             device.synchronize_stream()
     except BaseException:

@@ -380,3 +380,45 @@ def test_load_destinations_have_their_own_exact_storage_in_huge_pages_when_large
     if not device._huge_pages_possible():
         pytest.skip("this kernel gives no transparent huge pages")
     assert _vma_flags(large.data_ptr()).get("THPeligible") == "1", "large destinations ask for huge pages"
+
+
+# -- many small device tensors in a few transfers (tasd.bounce) ------------------------------------
+
+def test_small_tensors_are_cut_into_runs_of_bounded_span():
+    from tasd.bounce import Run, plan_runs
+    lays = plan_layout([torch.empty(n, dtype=torch.uint8) for n in (100, 100, 5000, 100, 64, 100, 100, 100)])
+    small = [True, True, False, True, True, True, True, True]
+    assert plan_runs(lays, small, max_span=10_000) == [
+        Run(0, 1, 0, lays[1].offset + 100), Run(3, 7, lays[3].offset, lays[7].offset + 100)]
+    # A span limit cuts runs; a run of one tensor is left to a direct copy.
+    runs = plan_runs(lays, small, max_span=300)
+    assert [(r.first, r.last) for r in runs] == [(0, 1), (3, 5), (6, 7)]
+    assert all(r.end - r.start <= 300 for r in runs)
+    assert plan_runs(lays, [False] * 8) == [] and plan_runs(lays, [i == 3 for i in range(8)]) == []
+
+
+def test_gathered_copies_equal_the_tensors_and_follow_their_changes():
+    """The gathering path, driven on CPU tensors as if they were a device's (the CUDA path is
+    tests/gpu): mixed dtypes, a 0-d tensor, a non-contiguous one, an empty one and a large one
+    between small ones; a second staging of the same structure reuses the plan and its buffer."""
+    from tasd import bounce
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(300, generator=g), torch.randn(64, 48, generator=g).t(), torch.tensor(7, dtype=torch.int64),
+               torch.randn(bounce.SMALL_BYTES // 4 + 1, generator=g), torch.zeros(0),
+               torch.randn(1000, generator=g).to(torch.bfloat16), torch.rand(33, generator=g) > 0.5,
+               torch.randn(5, 5, generator=g).double()]
+    layout = plan_layout(tensors)
+    cpu = torch.device("cpu")
+    for step in range(2):
+        buffer = torch.full((layout.nbytes,), 0xFF, dtype=torch.uint8)
+        views = [lay.view(buffer) for lay in layout]
+        bounce.copy_to_host(tensors, [t.device for t in tensors], layout, buffer, views, dev=cpu)
+        for i, (view, t) in enumerate(zip(views, tensors)):
+            assert torch.equal(view, t), (step, i)
+        plan = bounce._plan(layout, tuple(t.device for t in tensors), cpu)
+        assert [(r.first, r.last) for r in plan.runs] == [(0, 2), (5, 7)] and plan.direct == [3, 4]
+        if step == 0:
+            first_bounce = plan.bounce
+            for t in tensors:
+                t.add_(1) if t.dtype != torch.bool else t.logical_not_()
+    assert plan.bounce is first_bounce, "the plan and its buffer are reused"

@@ -129,3 +129,37 @@ def test_non_blocking_stage_of_cuda_tensors_makes_no_sync():
     for t, lay in zip(src, staged.layouts):
         assert torch.equal(lay.view(staged.buffer), t.cpu())
     staged.release()
+
+
+def test_many_small_tensors_are_gathered_and_stay_snapshots_across_streams():
+    """3,000 small tensors (mixed dtypes, some not contiguous) around large ones go through the
+    bounce buffers (tasd.bounce); staging from two streams in turn keeps each staging a snapshot
+    of the tensors as they were when it was queued."""
+    from tasd import bounce
+
+    dev = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(1)
+    tensors = []
+    for i in range(3000):
+        if i % 1000 == 500:
+            tensors.append(torch.randn(2 * MiB // 4, generator=g).to(dev))
+        elif i % 7 == 0:
+            tensors.append(torch.randn(12, 10, generator=g).to(dev).t())
+        else:
+            tensors.append(torch.randn(1 + i % 300, generator=g).to(torch.bfloat16 if i % 2 else torch.float32).to(dev))
+    pool = HostBufferPool()
+    streams = [torch.cuda.Stream(dev), torch.cuda.Stream(dev)]
+    for step in range(4):
+        with torch.cuda.stream(streams[step % 2]):
+            streams[step % 2].wait_stream(torch.cuda.default_stream(dev))
+            expected = [t.cpu() for t in tensors]
+            staged = stage(tensors, pool, non_blocking=True)
+            for t in tensors:  # the training changes its tensors right after, on the same stream
+                t.add_(1)
+            staged.wait()
+        got = [lay.view(staged.buffer) for lay in staged.layouts]
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), f"step {step}"
+        staged.release()
+        torch.cuda.default_stream(dev).wait_stream(streams[step % 2])
+    plan = bounce._plan(staged.layouts, tuple(t.device for t in tensors), dev)
+    assert len(plan.runs) >= 1 and len(plan.direct) <= 3 + 1, "the small tensors went through bounce buffers"
