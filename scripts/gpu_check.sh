@@ -37,9 +37,9 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/N
 }
 
 stage gpu_tests "${GPU_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/gpu
+stage save_phases "${SAVE_PHASES_S:-90}" python3 benchmarks/save_phases.py --tensors 10032
+stage save_phases_32 "${SAVE_PHASES_S:-90}" python3 benchmarks/save_phases.py --tensors 32
 stage bench_stall "${BENCH_STALL_S:-150}" python3 -m tasd bench --scenario limits save_stall \
     --json "$OUT/bench_stall.json" --markdown "$OUT/bench_stall.md"
 stage bench_restart "${BENCH_RESTART_S:-240}" python3 -m tasd bench --scenario restart restart_warm recovery tensor_sweep \
     --json "$OUT/bench_restart.json" --markdown "$OUT/bench_restart.md"
-stage save_phases "${SAVE_PHASES_S:-90}" python3 benchmarks/save_phases.py --tensors 10032
-stage save_phases_32 "${SAVE_PHASES_S:-90}" python3 benchmarks/save_phases.py --tensors 32
