@@ -444,7 +444,7 @@ def own_storage(layout: TensorLayout) -> tuple[torch.Tensor, memoryview]:
     of a 10,000-tensor part makes one per tensor."""
     t = device.host_tensor(layout.shape, layout.dtype)
     if not layout.nbytes:
-        return t, memoryview(b"")
+        return t, memoryview(bytearray())
     window = (ctypes.c_char * layout.nbytes).from_address(t.data_ptr())
     window.owner = t  # the view's exporter holds the tensor: its storage outlives every view
     return t, memoryview(window).cast("B")

@@ -22,6 +22,7 @@ SESSION = "repl"
 def state(rank: int, step: int) -> dict:
     g = torch.Generator().manual_seed(rank * 1000 + step)
     return {"w": torch.randn(3000, generator=g), "layers": [torch.randn(17, 5, generator=g).to(torch.bfloat16)],
+            "empty": torch.zeros(0, 4),  # e.g. an FSDP shard of a dimension smaller than the world
             "step": step, "rank": rank}
 
 
