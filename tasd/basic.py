@@ -25,6 +25,43 @@ def _same_view_key(t: torch.Tensor) -> tuple:
     return (tuple(t.shape), t.stride(), t.dtype, t.device, type(t), t.requires_grad)
 
 
+class TensorIndex:
+    """Numbers the distinct tensors met by a walk (a backend's ``pop_tensors``): tensors that are
+    the same view of the same memory (tied weights: one storage, offset, shape, strides, dtype,
+    device, tensor type and requires_grad) get one index. ``tensors`` and ``devices`` (device
+    names) are in index order; ``known_devices`` (the devices of the tensors last inserted, by
+    index) are reused instead of the tensors' own. Tensors without elements are never tied (empty
+    storages may share a null pointer). Not thread-safe; one per walk."""
+
+    def __init__(self, known_devices: list[str] | None = None):
+        self.tensors: list[torch.Tensor] = []
+        self.devices: list[str] = []
+        self._known = known_devices
+        self._at_ptr: dict[int, list[int]] = {}  # data pointer -> indices of the tensors starting there
+        self._names: dict[torch.device, str] = {}
+
+    def index(self, t: torch.Tensor) -> int:
+        """The index of ``t`` (a new one unless a tensor tied to it was indexed)."""
+        i = None
+        if t.numel():
+            same = self._at_ptr.setdefault(t.data_ptr(), [])
+            if same:
+                key = _same_view_key(t)
+                i = next((j for j in same if _same_view_key(self.tensors[j]) == key), None)
+            if i is None:
+                same.append(len(self.tensors))
+        if i is None:
+            i = len(self.tensors)
+            self.tensors.append(t)
+            if self._known is not None and i < len(self._known):
+                dev = self._known[i]
+            else:
+                d = t.device
+                dev = self._names.get(d) or self._names.setdefault(d, str(d))
+            self.devices.append(dev)
+        return i
+
+
 @register_library_class
 class BasicTensorAwareStateDict(TensorAwareStateDict):
     """Wraps a nested dict/list/tuple state dict (``.state_dict``) whose tensors live on CPU or CUDA.
@@ -81,41 +118,19 @@ class BasicTensorAwareStateDict(TensorAwareStateDict):
         """
         if self._hollow:
             raise ValueError("state dict is already hollow (pop_tensors called twice?)")
-        tensors: list[torch.Tensor] = []
-        popped_devices: list[str] = []
-        # data pointer -> indices of the tensors starting there: only tensors sharing a pointer
-        # (tied, or views of one storage) are compared further. Tensors without elements are
-        # never tied (empty storages may share a null pointer).
-        at_ptr: dict[int, list[int]] = {}
-        devices = self._devices
-        device_names: dict[torch.device, str] = {}
+        index = TensorIndex(self._devices)
 
         def take(path, t: torch.Tensor) -> TensorPlaceholder:
             reason = check_stageable(t)
             if reason:
                 raise TypeError(f"state dict entry {format_path(path)!r} {reason}")
-            i = None
-            if t.numel():
-                same = at_ptr.setdefault(t.data_ptr(), [])
-                if same:
-                    key = _same_view_key(t)
-                    i = next((j for j in same if _same_view_key(tensors[j]) == key), None)
-                if i is None:
-                    same.append(len(tensors))
-            if i is None:
-                i = len(tensors)
-                tensors.append(t)
-                if devices is not None and i < len(devices):
-                    dev = devices[i]
-                else:
-                    d = t.device
-                    dev = device_names.get(d) or device_names.setdefault(d, str(d))
-                popped_devices.append(dev)
-            return TensorPlaceholder(i, t.dtype, t.shape, popped_devices[i])
+            i = index.index(t)
+            return TensorPlaceholder(i, t.dtype, t.shape, index.devices[i])
 
         before = self.state_dict
         self.state_dict = map_tensors(before, take)
-        self._popped = (before, list(tensors), popped_devices)
+        tensors = index.tensors
+        self._popped = (before, list(tensors), index.devices)
         self._hollow = True
         return tensors
 

@@ -74,7 +74,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from tasd import device
-from tasd.basic import _same_view_key
+from tasd.basic import TensorIndex
 from tasd.managers.errors import CheckpointingException
 from tasd.serialization import register_library_class
 from tasd.staging import HostBufferPool, Staged, check_stageable, stage
@@ -459,35 +459,11 @@ class FSDPTensorAwareStateDict(TensorAwareStateDict):
             self._locals, self._hollow = None, True
             return list(tensors)
         rank = _rank()
-        tensors: list[torch.Tensor] = []
-        popped_devices: list[str] = []
-        at_ptr: dict[int, list[int]] = {}  # data pointer -> indices of the tensors starting there
-        devices = self._devices
-        device_names: dict[torch.device, str] = {}
+        index = TensorIndex(self._devices)
         meshes: list[DeviceMesh] = []
         mesh_index: dict[int, int] = {}
         records: list[dict] = []
         placement_records: dict[tuple, tuple] = {}
-
-        def index_of(t: torch.Tensor) -> int:
-            i = None
-            if t.numel():  # empty tensors are never tied (empty storages may share a null pointer)
-                same = at_ptr.setdefault(t.data_ptr(), [])
-                if same:
-                    key = _same_view_key(t)
-                    i = next((j for j in same if _same_view_key(tensors[j]) == key), None)
-                if i is None:
-                    same.append(len(tensors))
-            if i is None:
-                i = len(tensors)
-                tensors.append(t)
-                if devices is not None and i < len(devices):
-                    dev = devices[i]
-                else:
-                    d = t.device
-                    dev = device_names.get(d) or device_names.setdefault(d, str(d))
-                popped_devices.append(dev)
-            return i
 
         def take(path: KeyPath, t: torch.Tensor) -> TensorPlaceholder:
             if isinstance(t, DTensor):
@@ -511,22 +487,23 @@ class FSDPTensorAwareStateDict(TensorAwareStateDict):
                     j = mesh_index[id(mesh)] = len(meshes)
                     meshes.append(mesh)
                     records.append(_mesh_record(mesh))
-                i = index_of(local)
-                return DTensorPlaceholder._unchecked(i, local.dtype, local.shape, popped_devices[i], j, placements,
+                i = index.index(local)
+                return DTensorPlaceholder._unchecked(i, local.dtype, local.shape, index.devices[i], j, placements,
                                                      tuple(t.shape), tuple(t.stride()))
             if _is_legacy_sharded_tensor(t):
                 raise TypeError(_legacy_message(path, rank))
             reason = check_stageable(t)
             if reason:
                 raise TypeError(f"state dict entry {format_path(path)!r} on rank {rank} {reason}")
-            i = index_of(t)
-            return TensorPlaceholder(i, t.dtype, t.shape, popped_devices[i])
+            i = index.index(t)
+            return TensorPlaceholder(i, t.dtype, t.shape, index.devices[i])
 
         before = self._tree
         hollow = map_tensors(before, take)
         self._hollow_tree, self._tree, self._locals = hollow, None, None
         self._meshes, self._live = records, meshes
-        self._popped = (before, list(tensors), popped_devices)
+        tensors = index.tensors
+        self._popped = (before, list(tensors), index.devices)
         self._hollow = True
         logger.debug("rank %d: popped %d tensor(s), DTensor shards on %d mesh(es)", rank, len(tensors), len(meshes))
         return tensors
