@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from tasd.bench.fsdp_scenario import FSDPConfig, fsdp
 from tasd.bench.harness import Context, ScenarioResult, load_point, measure_points
 from tasd.bench.measure import Figure, add_ratios
 from tasd.bench.megatron_scenario import MegatronConfig, megatron
@@ -333,4 +334,5 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("scale", ScaleConfig, scale, "find_latest and recovery planning simulated at 16k-1M ranks"),
     Scenario("megatron", MegatronConfig, megatron,
              "Megatron GPT with its distributed optimizer: async stall, save, resume, bytes, exchange operations"),
+    Scenario("fsdp", FSDPConfig, fsdp, "FSDP2 model with Adam on 2 ranks: async save stall and resume against DCP"),
 )}

@@ -46,6 +46,8 @@ TARGETS = (
     Target("Megatron GPT, DP 2: fully_parallel writes <= 0.55x the DP-replicated bytes atomic writes (1/DP, "
            "+10% for balance; the rank writing the most)", "megatron", "tasd_fp_sync", "tasd_atomic_sync", 0.55,
            n_tensors=None, where=(("dp", 2),), value="replicated_bytes"),
+    Target("FSDP: async save stall <= 0.5x DCP async_save", "fsdp", "tasd_async", "dcp_async", 0.5, n_tensors=None),
+    Target("FSDP: resume faster than DCP load (<= 1.0x)", "fsdp", "tasd_resume", "dcp_resume", 1.0, n_tensors=None),
 )
 
 
