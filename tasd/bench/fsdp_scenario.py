@@ -14,11 +14,10 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 from tasd.bench.fsdp import PRELOAD, RESUMES, SAVED_BY, SAVES, FSDPPoint, methods_rank, resume_rank
-from tasd.bench.harness import RUN, Context, ExtraTable, ScenarioResult
-from tasd.bench.measure import Figure, add_ratios, evict, figure, rotated
+from tasd.bench.harness import RUN, Context, ExtraTable, ScenarioResult, fresh_resumes
+from tasd.bench.measure import Figure, add_ratios, figure
 from tasd.launch import run_ranks
 
 logger = logging.getLogger(__name__)
@@ -80,25 +79,9 @@ def _saves(cfg: FSDPConfig, ctx: Context, point: FSDPPoint, root: str) -> tuple[
 
 
 def _resumes(cfg: FSDPConfig, ctx: Context, point: FSDPPoint, root: str, params: dict) -> list[Figure]:
-    runnable = [n for n in cfg.resumes if SAVED_BY[n] in cfg.methods]
-    results: dict[str, list[list[dict]]] = {n: [] for n in runnable}
-    for i in range(cfg.load_repeats + 1):
-        for name in rotated(runnable, i):
-            ctx.step(f"{SCENARIO}: {name} in fresh processes, run {i + 1} of {cfg.load_repeats + 1}")
-            evict(Path(root))
-            results[name].append(run_ranks(resume_rank, point.world, point, root, name, i == 0, **RANKS))
-    figures = []
-    for name in cfg.resumes:
-        info = RESUMES[name]
-        if name not in results:
-            figures.append(Figure(SCENARIO, name, info.label, info.kind, dict(params), nbytes=params["nbytes"],
-                                  error=f"needs {SAVED_BY[name]} among the methods"))
-            continue
-        runs = results[name]
-        per_rank = [{"times_s": [run[r]["time_s"] for run in runs[1:]],
-                     **{k: v for k, v in runs[0][r].items() if k != "time_s"}} for r in range(point.world)]
-        figures.append(figure(SCENARIO, name, info.label, info.kind, params, params["nbytes"], per_rank))
-    return figures
+    return fresh_resumes(ctx, SCENARIO, list(cfg.resumes), list(cfg.methods), RESUMES, SAVED_BY, cfg.load_repeats,
+                         root, params, lambda name, first: run_ranks(resume_rank, point.world, point, root, name,
+                                                                      first, **RANKS))
 
 
 COLUMNS = ["rank", "tensors", "DTensor shards", "model MiB", "optimizer MiB", "tasd own part file MiB",

@@ -168,3 +168,32 @@ def load_point(ctx: Context, scenario: str, point: Point, loads: list[str], repe
         figures.append(Figure(scenario, name, label, kind, point.params() | {"lost": lost}, nbytes=point.nbytes,
                               error=why))
     return figures
+
+
+def fresh_resumes(ctx: Context, scenario: str, names: list[str], saved: list[str], infos: dict, saved_by: dict,
+                  repeats: int, root: str, params: dict, start: Callable[[str, bool], list[dict]],
+                  where: str = "") -> list[Figure]:
+    """One figure per resume method of ``names`` (``infos[name]`` has ``label`` and ``kind``), each
+    timed in fresh processes: ``start(name, first)`` runs the ranks once and returns each rank's
+    dict with ``time_s`` (and, on the ``first`` run, what else its figure keeps). One warm-up, then
+    ``repeats`` runs, the methods in rotated order, the page cache of ``root`` evicted before each.
+    A method whose save (``saved_by[name]``) is not among ``saved`` gets a figure naming it."""
+    runnable = [n for n in names if saved_by[n] in saved]
+    results: dict[str, list[list[dict]]] = {n: [] for n in runnable}
+    for i in range(repeats + 1):
+        for name in rotated(runnable, i):
+            ctx.step(f"{scenario}{where}: {name} in fresh processes, run {i + 1} of {repeats + 1}")
+            evict(Path(root))
+            results[name].append(start(name, i == 0))
+    figures = []
+    for name in names:
+        info = infos[name]
+        if name not in results:
+            figures.append(Figure(scenario, name, info.label, info.kind, dict(params), nbytes=params["nbytes"],
+                                  error=f"needs {saved_by[name]} among the methods"))
+            continue
+        runs = results[name]
+        per_rank = [{"times_s": [run[r]["time_s"] for run in runs[1:]],
+                     **{k: v for k, v in runs[0][r].items() if k != "time_s"}} for r in range(len(runs[0]))]
+        figures.append(figure(scenario, name, info.label, info.kind, params, params["nbytes"], per_rank))
+    return figures

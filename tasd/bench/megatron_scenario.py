@@ -14,10 +14,9 @@ import importlib.util
 import logging
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
-from tasd.bench.harness import RUN, Context, ExtraTable, ScenarioResult
-from tasd.bench.measure import Figure, add_ratios, evict, figure, rotated
+from tasd.bench.harness import RUN, Context, ExtraTable, ScenarioResult, fresh_resumes
+from tasd.bench.measure import Figure, add_ratios, figure
 from tasd.bench.megatron import (ALGOS, MCORE_ASYNC_CUDA, RESUMES, SAVED_BY, SAVES, GPTPoint, methods_rank,
                                  resume_rank)
 from tasd.launch import run_ranks
@@ -117,26 +116,9 @@ def _saves(cfg: MegatronConfig, ctx: Context, point: GPTPoint, root: str) -> tup
 
 def _resumes(cfg: MegatronConfig, ctx: Context, point: GPTPoint, root: str, params: dict,
              saved: list[str]) -> list[Figure]:
-    runnable = [n for n in cfg.resumes if SAVED_BY[n] in saved]
-    results: dict[str, list[list[dict]]] = {n: [] for n in runnable}
-    for i in range(cfg.load_repeats + 1):
-        for name in rotated(runnable, i):
-            ctx.step(f"{SCENARIO}: W{point.world} TP{point.tp}: {name} in fresh processes, run {i + 1} of "
-                     f"{cfg.load_repeats + 1}")
-            evict(Path(root))
-            results[name].append(run_ranks(resume_rank, point.world, point, root, name, i == 0, **RANKS))
-    figures = []
-    for name in cfg.resumes:
-        info = RESUMES[name]
-        if name not in results:
-            figures.append(Figure(SCENARIO, name, info.label, info.kind, dict(params), nbytes=params["nbytes"],
-                                  error=f"needs {SAVED_BY[name]} among the methods"))
-            continue
-        runs = results[name]
-        per_rank = [{"times_s": [run[r]["time_s"] for run in runs[1:]],
-                     **{k: v for k, v in runs[0][r].items() if k != "time_s"}} for r in range(point.world)]
-        figures.append(figure(SCENARIO, name, info.label, info.kind, params, params["nbytes"], per_rank))
-    return figures
+    return fresh_resumes(ctx, SCENARIO, list(cfg.resumes), saved, RESUMES, SAVED_BY, cfg.load_repeats, root, params,
+                         lambda name, first: run_ranks(resume_rank, point.world, point, root, name, first, **RANKS),
+                         where=f" W{point.world} TP{point.tp}")
 
 
 def _bytes_rows(point: GPTPoint, per_rank: list[dict]) -> list[list]:
