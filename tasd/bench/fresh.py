@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from tasd.bench import nvrx_shim
 from tasd.bench.measure import timed_once
-from tasd.bench.methods import CHUNK, SESSION, Point, first_tensor, nvrx_strategy, tasd_strategy
+from tasd.bench.methods import CHUNK, SESSION, Point, first_tensor, newest_dcp, nvrx_strategy, tasd_strategy
 from tasd.managers import LocalCheckpointManager
 
 
@@ -106,7 +106,9 @@ def _torch_load(rank: int, load: Load) -> Callable[[], Any]:
 def _dcp_load(rank: int, load: Load) -> Callable[[], Any]:
     import torch.distributed.checkpoint as dcp
 
-    path = max((Path(load.root) / "dcp").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    path = newest_dcp(Path(load.root))
+    if path is None:
+        raise RuntimeError(f"rank {rank}: no DCP checkpoint under {Path(load.root) / 'dcp'}")
 
     def run() -> Any:  # DCP loads in place: the destination tensors are allocated in the clock
         sd = {f"rank{rank}.layer{i:05d}": torch.empty(load.point.numel) for i in range(load.point.n_tensors)}

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ import xxhash
 
 from tasd.bench.measure import Completion, Method, run_methods, timed_once
 from tasd.bench.megatron import own_part_bytes
-from tasd.bench.methods import SESSION, MethodInfo, Workers
+from tasd.bench.methods import SESSION, MethodInfo, Workers, dcp_path, newest_dcp, remove_dcp_but
 from tasd.managers import LocalCheckpointManager
 from tasd.managers.replication import CliqueReplicationStrategy
 
@@ -201,10 +200,10 @@ def strategy(point: FSDPPoint) -> CliqueReplicationStrategy | None:
 def dcp_files_bytes(root: Path, rank: int) -> int | None:
     """Bytes of the data files rank ``rank`` wrote into the newest DCP checkpoint under ``root/dcp``
     (None: none)."""
-    steps = sorted((root / "dcp").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    if not steps:
+    newest = newest_dcp(root)
+    if newest is None:
         return None
-    return sum(f.stat().st_size for f in steps[-1].glob(f"__{rank}_*.distcp"))
+    return sum(f.stat().st_size for f in newest.glob(f"__{rank}_*.distcp"))
 
 
 def _digest_path(root: Path, rank: int) -> Path:
@@ -268,9 +267,6 @@ class FSDPRank:
             return complete
         return Method("tasd_async", call)
 
-    def _dcp_path(self, it: int) -> Path:
-        return self.root / "dcp" / f"step_{it}"
-
     def dcp_async(self) -> Method:
         """``dcp.async_save`` of the state into a new directory (default stager, thread) on DCP's
         own gloo group; its completion waits for the future and removes the older directories."""
@@ -278,16 +274,11 @@ class FSDPRank:
 
         def call() -> Completion:
             it = self.next_iteration()
-            future = dcp.async_save(self.state, checkpoint_id=str(self._dcp_path(it)), process_group=self.dcp_group)
+            future = dcp.async_save(self.state, checkpoint_id=str(dcp_path(self.root, it)), process_group=self.dcp_group)
 
             def complete() -> None:
                 future.result()
-                dist.barrier()
-                if self.rank == 0:
-                    for p in (self.root / "dcp").glob("step_*"):
-                        if p != self._dcp_path(it):
-                            shutil.rmtree(p)
-                dist.barrier()
+                remove_dcp_but(self.root, it, self.rank)
             return complete
         return Method("dcp_async", call)
 
@@ -336,13 +327,13 @@ def _dcp_resume(point: FSDPPoint, root: Path, mesh: Any, model: nn.Module,
                 optim: torch.optim.Optimizer) -> Callable[[], Any]:
     import torch.distributed.checkpoint as dcp
 
-    steps = sorted((root / "dcp").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    if not steps:
+    newest = newest_dcp(root)
+    if newest is None:
         raise RuntimeError(f"rank {dist.get_rank()}: no DCP checkpoint under {root / 'dcp'}")
 
     def run() -> Any:  # DCP loads in place: the tensors it loads into are made in the clock
         state = full_state(model, optim)
-        dcp.load(state, checkpoint_id=str(steps[-1]))
+        dcp.load(state, checkpoint_id=str(newest))
         set_state(model, optim, state)
         return state
     return run

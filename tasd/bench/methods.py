@@ -117,6 +117,27 @@ def nvrx_cleaned(directory: Path, iteration: int) -> bool:
     return not any((m := _NVRX_FILE.match(p.name)) and int(m.group(1)) < iteration for p in directory.iterdir())
 
 
+def dcp_path(root: Path, iteration: int) -> Path:
+    """Where the DCP methods save ``iteration`` under a rank's benchmark ``root``."""
+    return root / "dcp" / f"step_{iteration}"
+
+
+def newest_dcp(root: Path) -> Path | None:
+    """The newest DCP checkpoint the DCP methods saved under ``root`` (None: none)."""
+    return max((root / "dcp").glob("step_*"), key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def remove_dcp_but(root: Path, iteration: int, rank: int) -> None:
+    """Remove every DCP checkpoint under ``root`` but ``iteration``'s: rank 0 removes them between
+    two barriers (collective on the default group)."""
+    dist.barrier()
+    if rank == 0:
+        for p in (root / "dcp").glob("step_*"):
+            if p != dcp_path(root, iteration):
+                shutil.rmtree(p)
+    dist.barrier()
+
+
 def _noop() -> None:
     """An async call that does nothing (starts a persistent worker before any clock)."""
 
@@ -308,17 +329,10 @@ class RankBench:
         return Method("torch_save", call)
 
     def _dcp_path(self, it: int) -> Path:
-        return self.root / "dcp" / f"step_{it}"
+        return dcp_path(self.root, it)
 
     def _dcp_cleanup(self, it: int) -> Completion:
-        def complete() -> None:
-            dist.barrier()
-            if self.rank == 0:
-                for p in (self.root / "dcp").glob("step_*"):
-                    if p != self._dcp_path(it):
-                        shutil.rmtree(p)
-            dist.barrier()
-        return complete
+        return lambda: remove_dcp_but(self.root, it, self.rank)
 
     def dcp_save(self) -> Method:
         """torch.distributed.checkpoint.save of the state dict (collective)."""
