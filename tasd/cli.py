@@ -28,10 +28,12 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
                     "bitwise against the original run. With --backend megatron: a megatron-core GPT with "
                     "tensor parallelism (--tp) and the distributed optimizer, Megatron-LM's local-checkpoint "
                     "flags, saves and two-step loads through tasd.adapters.megatron, and async saves on "
-                    "megatron-core's own AsyncCallsQueue (needs the megatron extra).")
-    p.add_argument("--backend", choices=("basic", "megatron"), default="basic",
+                    "megatron-core's own AsyncCallsQueue (needs the megatron extra). With --backend fsdp: an FSDP2 "
+                    "model (fully_shard on a CPU device mesh) saved and restored with tasd.adapters.fsdp's "
+                    "FSDPCheckpointer, LR scheduler and data position included.")
+    p.add_argument("--backend", choices=("basic", "megatron", "fsdp"), default="basic",
                    help="basic: a torch model in a BasicTensorAwareStateDict (default); megatron: a megatron-core "
-                        "GPT through the Megatron-LM adapter")
+                        "GPT through the Megatron-LM adapter; fsdp: an FSDP2 model through tasd.adapters.fsdp")
     p.add_argument("--ranks", type=_positive_int, default=4, help="number of ranks (default: 4)")
     p.add_argument("--tp", type=_positive_int, default=None,
                    help="megatron: tensor-parallel size, dividing --ranks (default: 2 for an even number of "
@@ -65,6 +67,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     for flag, value in (("--tp", args.tp), ("--algo", args.algo)):
         if value is not None:
             args.parser.error(f"{flag} applies to --backend megatron only")
+    if args.backend == "fsdp":
+        return _run_fsdp_demo(args, lose_rank)
     from tasd.demo import run_demo
     from tasd.managers import ReplicationConfig
 
@@ -75,6 +79,19 @@ def _run_demo(args: argparse.Namespace) -> int:
                                         replication_jump=args.replication_jump)
     return run_demo(ranks=args.ranks, steps=args.steps, save_every=args.save_every, directory=args.dir,
                     keep=args.keep, replication=replication, lose_rank=lose_rank, save_mode=args.save_mode)
+
+
+def _run_fsdp_demo(args: argparse.Namespace, lose_rank: int | None) -> int:
+    from tasd.fsdp_demo import run_fsdp_demo
+
+    strategy = args.replication or "ring"
+    replication = None
+    if strategy != "none" and args.ranks > 1:
+        replication = {"strategy": strategy, "replication_factor": args.replication_factor,
+                       "replication_jump": args.replication_jump}
+    return run_fsdp_demo(ranks=args.ranks, steps=args.steps, save_every=args.save_every, directory=args.dir,
+                         keep=args.keep, replication=replication, lose_rank=lose_rank,
+                         save_mode=args.save_mode).exit_code
 
 
 def _run_megatron_demo(args: argparse.Namespace, lose_rank: int | None) -> int:

@@ -65,7 +65,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tasd.demo import _mismatches, print_rank_failures
+from tasd.demo import _mean, _mismatches, print_rank_failures
 from tasd.launch import RankFailure, run_ranks
 
 logger = logging.getLogger(__name__)
@@ -484,10 +484,6 @@ class MegatronDemoResult:
     @property
     def exit_code(self) -> int:
         return 0 if self.ok else 1
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / max(1, len(values))
 
 
 def _train_table(results: list[dict], save_mode: str) -> Table:

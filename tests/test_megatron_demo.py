@@ -100,7 +100,7 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def test_cli_backend_megatron():
     out = cli("--backend", "megatron", "--help")
-    assert out.returncode == 0 and "--backend {basic,megatron}" in out.stdout and "--tp" in out.stdout
+    assert out.returncode == 0 and "--backend {basic,megatron,fsdp}" in out.stdout and "--tp" in out.stdout
     out = cli("--backend", "megatron", "--ranks", "3", "--tp", "2")
     assert out.returncode == 1 and "must divide the number of ranks 3" in " ".join(out.stdout.split())
     out = cli("--tp", "2")  # the basic backend has no tensor parallelism
